@@ -1,0 +1,283 @@
+"""The typed run configuration: YAML in, validated settings out.
+
+One schema for every entry point. `load_config(path, overrides)` reads a YAML file, applies
+`--set section.key=value` overrides, and validates everything in one pass, so a user sees every
+problem at once, each naming the file, the line where YAML has one, and the key:
+
+    configs/demo.yaml:14: train.learning_rate: must be greater than 0 (got -0.0002)
+
+Keys are the contract in DESIGN.md ("Config keys scripts rely on"); docs/configuration.md lists
+every key with its default, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default); assignment is
+    # validated too, so code that adjusts a config after loading cannot smuggle in a bad value.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str | None = None
+    """Run name; the run directory is <runs_root>/<name>. Default: <config file stem>-<timestamp>."""
+    runs_root: str = "runs"
+    """Directory holding all runs."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or v in {".", ".."} or v.strip() != v):
+            raise ValueError("must be a plain directory name (no '/', no surrounding spaces)")
+        return v
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "Qwen/Qwen3-4B-Thinking-2507"
+    """Hugging Face id, local directory, or builtin:tiny-qwen3."""
+    tokenizer: str | None = None
+    """Tokenizer id/path/builtin:qwen3-tokenizer; default: the model's own tokenizer."""
+    load_in_4bit: bool = True
+    """Quantise the base model to 4 bit with bitsandbytes (QLoRA); false = plain LoRA."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """auto = bfloat16 where supported, else float16 on GPU, float32 on CPU."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.9, gt=0, le=1)
+    validation: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + validation + test must sum to 1 (got {total:g})")
+        return self
+
+
+class DataConfig(_Section):
+    paths: list[str] = Field(default_factory=lambda: ["data/crypto_qa"])
+    """Files or directories (searched recursively) of training records."""
+    max_seq_len: int = Field(2048, ge=16)
+    packing: bool = True
+    """Pack samples into sequences of max_seq_len (padding-free); false = dynamic padding."""
+    overlong: Literal["drop", "truncate"] = "drop"
+    """What to do with a sample longer than max_seq_len; either way it is reported."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    seed: int = 42
+    to_simplified: bool = True
+    """Convert traditional Chinese to simplified (OpenCC t2s)."""
+    terms: str = "data/crypto_terms.tsv"
+    """Term dictionary (TSV) for jieba segmentation, term statistics and stratified splits."""
+    system_prompt: str | None = None
+    """System prompt for records that carry none; null = no system turn."""
+    num_proc: int | Literal["auto"] = "auto"
+    """Worker processes for data preparation; auto = min(cores, 8), 1 for small data."""
+
+    @field_validator("paths")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one file or directory")
+        return v
+
+    @field_validator("num_proc")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; null = as many as `epochs` take."""
+    micro_batch_size: int = Field(2, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    grad_checkpointing: bool = True
+    seed: int = 42
+    eval_every_steps: int = Field(100, gt=0)
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(200, gt=0)
+    keep_last: int = Field(3, gt=0)
+
+
+class LaunchConfig(_Section):
+    num_processes: int | Literal["auto"] = "auto"
+    """auto = one per visible GPU, else 1 on CPU."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @field_validator("num_processes")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+
+class DaemonConfig(_Section):
+    listen: list[str] = Field(default_factory=list)
+    """Extra TCP endpoints (tcp://host:port); non-loopback ones need curve_keys_dir."""
+    curve_keys_dir: str | None = None
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, as frozen into a run directory."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message lists every problem, one per line."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load and validate a config: YAML file (or all defaults), then `section.key=value` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+            lines = _key_lines(yaml.compose(text))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections (run:, model:, data:, ...)")
+
+    problems = []
+    origin: dict[tuple[str, ...], str] = {}
+    for item in overrides:
+        try:
+            keys, value = _parse_override(item)
+            _set_path(raw, keys, value)
+            origin[keys] = f"--set {item}"
+        except ValueError as e:
+            problems.append(f"--set {item}: {e}")
+
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as e:
+        for err in e.errors():
+            problems.append(_describe(err, source, lines, origin))
+        config = None
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError("expected section.key=value, e.g. --set train.learning_rate=1e-4")
+    keys = tuple(key.strip().split("."))
+    if any(not k for k in keys):
+        raise ValueError(f"malformed key {key!r}")
+    # YAML typing, so `--set data.paths=[a,b]` and `--set train.max_steps=null` mean what they say.
+    try:
+        return keys, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return keys, value
+
+
+def _set_path(raw: dict, keys: tuple[str, ...], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"{k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _describe(err: dict, source: str, lines: dict[tuple[str, ...], int], origin: dict[tuple[str, ...], str]) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    where = origin.get(loc) or _where(source, lines, loc)
+    if err["type"] == "extra_forbidden":
+        return f"{where}: {dotted}: unknown key{_suggest(loc)}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {dotted}: {msg}{shown}"
+
+
+def _where(source: str, lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> str:
+    # The closest key that exists in the file: a missing leaf reports its section's line.
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return f"{source}:{lines[loc[:n]]}"
+    return source
+
+
+def _suggest(loc: tuple[str, ...]) -> str:
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        section = field.annotation
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else ""
+    return f"{hint} (known keys here: {', '.join(known)})"
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line."""
+    out: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = prefix + (str(key.value),)
+            out[path] = key.start_mark.line + 1
+            out.update(_key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            path = prefix + (str(i),)
+            out[path] = value.start_mark.line + 1
+            out.update(_key_lines(value, path))
+    return out
