@@ -1,0 +1,3 @@
+from qwen_daemon.cli import main
+
+raise SystemExit(main())

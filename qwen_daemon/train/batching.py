@@ -1,0 +1,117 @@
+"""From tokenised samples to micro-batches: packing, epoch order, data position, collation.
+
+An epoch is an ordered list of *units*. With packing, a unit is a packed sequence: samples whose
+lengths add up to at most `data.max_seq_len`, grouped once by best-fit decreasing (so about every
+slot holds a real token) and shuffled per epoch. Without packing, a unit is one sample. A
+micro-batch is the next `micro_batch_size` units.
+
+The data position is the number of samples consumed in the epoch. Units never change when the
+micro-batch size does, so a resume or a batch-size change continues at a unit boundary and no
+sample is skipped or repeated.
+
+Packed micro-batches are padding-free: all samples of the micro-batch are flattened into one row
+(transformers' DataCollatorWithFlattening) with position ids restarting at 0 for every sample.
+Transformers turns those position ids into a block-diagonal causal mask for SDPA and eager
+attention, and flash-attention gets the `cu_seq_lens` it needs for variable-length sequences, so
+no token attends across a sample boundary. The forward pass must run with `use_cache=False`
+(as training does): with a KV cache, transformers does not look for packed sequences.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+
+from qwen_daemon.train.data import labels_of
+
+
+def pack(lengths: Sequence[int], max_seq_len: int, seed: int = 0) -> list[list[int]]:
+    """Group sample indices into sequences of at most `max_seq_len` tokens (best-fit decreasing).
+
+    Ties in length are broken by a seeded shuffle so equal-length samples do not always share a
+    sequence. Every index appears in exactly one sequence.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: the shuffle decides among equal lengths
+    bins: list[list[int]] = []
+    free_sizes: list[int] = []  # sorted distinct remaining capacities that some bin has
+    bins_with: dict[int, list[int]] = {}  # remaining capacity -> bin numbers
+    for i in order:
+        n = lengths[i]
+        if n > max_seq_len:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_seq_len {max_seq_len}")
+        k = bisect.bisect_left(free_sizes, n)
+        if k < len(free_sizes):  # the fullest bin that still fits
+            cap = free_sizes[k]
+            b = bins_with[cap].pop()
+            if not bins_with[cap]:
+                del bins_with[cap]
+                free_sizes.pop(k)
+        else:
+            cap, b = max_seq_len, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        left = cap - n
+        if left > 0:
+            if left not in bins_with:
+                bins_with[left] = []
+                bisect.insort(free_sizes, left)
+            bins_with[left].append(b)
+    return bins
+
+
+def epoch_units(lengths: Sequence[int], *, epoch: int, seed: int, max_seq_len: int, packing: bool) -> list[list[int]]:
+    """The epoch's units in training order (deterministic from seed and epoch)."""
+    units = pack(lengths, max_seq_len, seed) if packing else [[i] for i in range(len(lengths))]
+    random.Random(seed * 1_000_003 + epoch).shuffle(units)
+    return units
+
+
+def micro_batches(units: list[list[int]], micro_batch_size: int, start_sample: int = 0):
+    """Yield (samples consumed after this micro-batch, sample indices) from `start_sample` on.
+
+    `start_sample` must fall on a unit boundary, which it always does when it was produced by
+    this function (whatever micro-batch size was used before).
+    """
+    consumed, u = 0, 0
+    while u < len(units) and consumed < start_sample:
+        consumed += len(units[u])
+        u += 1
+    if consumed != start_sample:
+        raise ValueError(f"data position {start_sample} is not a unit boundary of this epoch "
+                         "(were the data or data.max_seq_len changed since the checkpoint?)")
+    for k in range(u, len(units), micro_batch_size):
+        batch = [i for unit in units[k:k + micro_batch_size] for i in unit]
+        consumed += len(batch)
+        yield consumed, batch
+
+
+def collate(samples: Sequence[dict], *, packing: bool, pad_token_id: int, flash_attention: bool = False) -> dict:
+    """Tensors for one micro-batch of samples ({input_ids, prompt_len}).
+
+    Returns input_ids, labels and either position_ids (packed: one row, no padding) or
+    attention_mask (padded to the longest sample, rounded up to a multiple of 8), plus
+    `num_tokens` (real tokens, never padding) and `num_label_tokens` (tokens the loss counts).
+    """
+    import torch
+    from transformers import DataCollatorWithFlattening
+
+    features = [{"input_ids": list(s["input_ids"]), "labels": labels_of(s["input_ids"], s["prompt_len"])}
+                for s in samples]
+    if packing:
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention, return_tensors="pt")(features)
+    else:
+        longest = max(len(f["input_ids"]) for f in features)
+        width = -(-longest // 8) * 8
+        pad = [width - len(f["input_ids"]) for f in features]
+        batch = {
+            "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
+            "labels": torch.tensor([f["labels"] + [-100] * p for f, p in zip(features, pad)]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
+        }
+    batch["num_tokens"] = sum(len(f["input_ids"]) for f in features)
+    # The model shifts labels by one, so the first label of each sample never counts.
+    batch["num_label_tokens"] = sum(sum(1 for t in f["labels"][1:] if t != -100) for f in features)
+    return batch

@@ -1,0 +1,399 @@
+"""The data pipeline: files -> checked, normalised, split, tokenised samples, with a report.
+
+    read (readers.py) -> normalise Chinese text, term statistics (text_zh.py)
+      -> duplicates -> seeded stratified split -> render with the tokenizer's chat template
+      -> tokenise, mask the prompt, apply the over-long policy -> cache
+
+`prepare_data(cfg, tokenizer)` runs it (or loads the cached result) and returns the splits and a
+`DataReport`; `qwen-daemon data check` prints that same report. Nothing is dropped silently: every
+record that does not reach the model is a `Problem` with file, line and reason.
+
+A sample is `input_ids` plus `prompt_len`: labels are -100 for the first `prompt_len` tokens and the
+token ids after that, i.e. exactly the assistant's reasoning, answer and end-of-turn token. The
+prompt and the completion are tokenised separately, as the model sees them at inference time (the
+prompt ends where generation starts, after `<think>\n` for Qwen3-Thinking).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from shared.config import Config
+from qwen_daemon.train.readers import Conversation, Problem, find_files, read_file
+from qwen_daemon.train.text_zh import dedup_key, load_terms, normalize_text
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when prepared samples change for the same inputs
+SPLITS = ("train", "validation", "test")
+UNCATEGORISED = "uncategorised"
+
+
+@dataclass
+class DataReport:
+    """What happened to every record; `to_dict()` is the `data check --json` output."""
+
+    kept: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> {records, kept, dropped}
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {records, tokens, categories, top_terms}
+    without_reasoning: int = 0
+    ignored: list[str] = field(default_factory=list)  # files in the given directories that are not data
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kept": self.kept, "dropped": self.dropped, "truncated": self.truncated,
+            "problems": [asdict(p) for p in self.problems],
+            "files": self.files, "splits": self.splits, "without_reasoning": self.without_reasoning, "ignored": self.ignored,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataReport:
+        return cls(d["kept"], d["dropped"], d["truncated"], [Problem(**p) for p in d["problems"]],
+                   d["files"], d["splits"], d["without_reasoning"], d["ignored"])
+
+    def format_text(self) -> str:
+        """The human-readable report: per file, per problem, per split."""
+        out = [f"{len(self.files)} file(s): {self.kept} kept, {self.dropped} dropped, {self.truncated} truncated"
+               + (f", {self.without_reasoning} without reasoning" if self.without_reasoning else "")]
+        for name, c in self.files.items():
+            out.append(f"  {name}: {c['records']} records, {c['kept']} kept, {c['dropped']} dropped")
+        if self.ignored:
+            out.append(f"ignored (not data files): {', '.join(self.ignored)}")
+        if self.problems:
+            out.append(f"{len(self.problems)} problem(s):")
+            out.extend(f"  {p}" for p in self.problems)
+        else:
+            out.append("no problems")
+        for name, s in self.splits.items():
+            cats = ", ".join(f"{c} {n}" for c, n in s["categories"].items())
+            out.append(f"{name}: {s['records']} records, {s['tokens']} tokens ({s['label_tokens']} trained); {cats}")
+        return "\n".join(out)
+
+
+@dataclass
+class PreparedData:
+    splits: dict[str, Any]  # name -> datasets.Dataset with id, input_ids, prompt_len, category, ...
+    report: DataReport
+
+
+def prepare_data(cfg: Config, tokenizer, cache_dir: Path | None = None) -> PreparedData:
+    """Run the pipeline for `cfg.data`, or load its cached result; logs the report."""
+    from qwen_daemon.train.builtin import cache_root
+
+    files, ignored, file_problems = find_files(cfg.data.paths)
+    key = _cache_key(cfg, tokenizer, files)
+    cache = (cache_dir or cache_root() / "prepared") / key
+    if (cache / "report.json").exists():
+        log.info("data: using prepared cache %s", cache)
+        prepared = _load(cache)
+    else:
+        prepared = _prepare(cfg, tokenizer, files, file_problems)
+        prepared.report.ignored = [str(f) for f in ignored]
+        _save(prepared, cache)
+    _log_report(prepared.report)
+    return prepared
+
+
+def _prepare(cfg: Config, tokenizer, files: list[Path], file_problems: list[Problem]) -> PreparedData:
+    import datasets
+
+    d = cfg.data
+    report = DataReport(problems=list(file_problems))
+    conversations: list[Conversation] = []
+    for path in files:
+        convs, problems = read_file(path)
+        conversations.extend(convs)
+        report.problems.extend(problems)
+        record_problems = sum(1 for p in problems if p.line)
+        report.files[str(path)] = {"records": len(convs) + record_problems, "kept": 0, "dropped": record_problems}
+
+    num_proc = _num_proc(d.num_proc, len(conversations))
+    rows = _parallel(_normalise_chunk, conversations, num_proc, terms_path=d.terms, to_simplified=d.to_simplified,
+                     system_prompt=d.system_prompt)
+    rows = _drop_duplicates(rows, report)
+    assignment = split_rows(rows, d.split.model_dump(), d.seed)
+    samples = _parallel(_tokenise_chunk, rows, num_proc, tokenizer=tokenizer, max_seq_len=d.max_seq_len,
+                        overlong=d.overlong)
+
+    by_split: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for row, (sample, problem), split in zip(rows, samples, assignment):
+        if problem is not None:
+            report.problems.append(problem)
+            report.truncated += problem.action == "truncated"
+        if sample is None:
+            report.files[row["file"]]["dropped"] += 1
+            continue
+        report.files[row["file"]]["kept"] += 1
+        by_split[split].append({**row, **sample})
+
+    report.kept = sum(len(v) for v in by_split.values())
+    report.dropped = sum(c["dropped"] for c in report.files.values())
+    report.without_reasoning = sum(1 for v in by_split.values() for r in v if r["reasoning"] is None)
+    report.problems.sort(key=lambda p: (p.file, p.line))
+    report.splits = {name: _split_stats(rows_) for name, rows_ in by_split.items()}
+    features = _features()
+    splits = {name: datasets.Dataset.from_list([{k: r[k] for k in features} for r in rows_], features=features)
+              if rows_ else _empty_split() for name, rows_ in by_split.items()}
+    return PreparedData(splits, report)
+
+
+# --- stage 1: normalise, term statistics, duplicate keys (parallel) ---------------------------
+
+def _normalise_chunk(conversations: list[Conversation], terms_path: str, to_simplified: bool,
+                     system_prompt: str | None) -> list[dict]:
+    terms = load_terms(terms_path)
+
+    def norm(text: str) -> str:
+        return normalize_text(text, to_simplified=to_simplified)
+
+    rows = []
+    for c in conversations:
+        prompt = [{"role": t["role"], "content": norm(t["content"])} for t in c.prompt]
+        if system_prompt and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": norm(system_prompt)})
+        answer = norm(c.answer)
+        reasoning = None if c.reasoning is None else norm(c.reasoning)
+        question = "\n".join(t["content"] for t in prompt if t["role"] != "system")
+        counts = terms.count_terms("\n".join((question, reasoning or "", answer)))
+        rows.append({
+            "id": f"{c.file}:{c.line}", "file": c.file, "line": c.line,
+            "prompt": prompt, "reasoning": reasoning, "answer": answer,
+            "question_key": dedup_key(question),
+            "record_key": dedup_key("\x00".join((question, reasoning or "", answer))),
+            "category": terms.dominant_category_of(counts) or UNCATEGORISED,
+            "terms": dict(counts),
+        })
+    return rows
+
+
+def _drop_duplicates(rows: list[dict], report: DataReport) -> list[dict]:
+    """Drop repeated records; keep the same question with a different answer, but report it.
+
+    The split keeps all answers to one question in one split, so no question is in two splits.
+    """
+    seen_record: dict[str, str] = {}
+    seen_question: dict[str, str] = {}
+    ids = Counter()
+    kept = []
+    for row in rows:
+        ids[row["id"]] += 1
+        if ids[row["id"]] > 1:  # several records on one line (JSON array written on one line)
+            row["id"] = f"{row['id']}#{ids[row['id']]}"
+        if row["record_key"] in seen_record:
+            report.problems.append(Problem(row["file"], row["line"], f"duplicate of {seen_record[row['record_key']]} "
+                                           "(same question and answer after normalisation)"))
+            report.files[row["file"]]["dropped"] += 1
+            continue
+        if row["question_key"] in seen_question:
+            report.problems.append(Problem(row["file"], row["line"], f"same question as {seen_question[row['question_key']]} "
+                                           "with a different answer; both kept, in the same split", action="kept"))
+        seen_record[row["record_key"]] = row["id"]
+        seen_question.setdefault(row["question_key"], row["id"])
+        kept.append(row)
+    return kept
+
+
+# --- stage 2: split -----------------------------------------------------------------------------
+
+def split_rows(rows: list[dict], ratios: dict[str, float], seed: int) -> list[str]:
+    """Assign each row to train/validation/test: seeded, stratified by category, question-grouped.
+
+    Records with the same normalised question form one group and go to one split. Groups are
+    shuffled within each category, then each group goes to the split furthest below its share of
+    what has been assigned so far, so every category is spread in the configured ratios and the
+    totals match them to within one group.
+    """
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[row["question_key"]].append(i)
+    by_category: dict[str, list[list[int]]] = defaultdict(list)
+    for members in groups.values():
+        by_category[rows[members[0]]["category"]].append(members)
+
+    rng = random.Random(seed)
+    assignment = [""] * len(rows)
+    totals = dict.fromkeys(SPLITS, 0)
+    for category in sorted(by_category):
+        cat_groups = sorted(by_category[category], key=lambda m: rows[m[0]]["question_key"])
+        rng.shuffle(cat_groups)
+        cat_counts = dict.fromkeys(SPLITS, 0)
+        for members in cat_groups:
+            n = sum(cat_counts.values()) + len(members)
+            # Deficit within the category first (stratification), then overall (exact totals).
+            split = max((s for s in SPLITS if ratios[s] > 0),
+                        key=lambda s: (ratios[s] * n - cat_counts[s],
+                                       ratios[s] * (sum(totals.values()) + len(members)) - totals[s]))
+            for i in members:
+                assignment[i] = split
+            cat_counts[split] += len(members)
+            totals[split] += len(members)
+    return assignment
+
+
+# --- stage 3: render and tokenise (parallel) ----------------------------------------------------
+
+def render(tokenizer, prompt: list[dict], reasoning: str | None, answer: str) -> tuple[str, str]:
+    """(prompt text, completion text) through the tokenizer's own chat template.
+
+    The completion is what the model must produce after the generation prompt: the reasoning, the
+    answer and the end-of-turn token; whatever the template adds after that token is not trained.
+    """
+    assistant = {"role": "assistant", "content": answer}
+    if reasoning is not None:
+        assistant["reasoning_content"] = reasoning
+    full = tokenizer.apply_chat_template([*prompt, assistant], tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prompt_text):
+        raise ValueError("the tokenizer's chat template renders the prompt differently with and without the "
+                         "answer, so the prompt cannot be masked; use a template whose generation prompt is a "
+                         "prefix of the rendered conversation (e.g. builtin:qwen3-tokenizer's)")
+    end = full.rfind(tokenizer.eos_token)
+    if end < len(prompt_text):
+        raise ValueError(f"the chat template does not end the assistant turn with the eos token {tokenizer.eos_token!r}")
+    return prompt_text, full[len(prompt_text): end + len(tokenizer.eos_token)]
+
+
+def _tokenise_chunk(rows: list[dict], tokenizer, max_seq_len: int, overlong: str) -> list[tuple[dict | None, Problem | None]]:
+    """(sample or None if dropped, problem or None) per row."""
+    rendered = [render(tokenizer, r["prompt"], r["reasoning"], r["answer"]) for r in rows]
+    prompts = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([c for _, c in rendered], add_special_tokens=False)["input_ids"]
+    out = []
+    for row, p, c in zip(rows, prompts, completions):
+        n = len(p) + len(c)
+        too_long = f"too long: {n} tokens > data.max_seq_len {max_seq_len}"
+        if n <= max_seq_len:
+            out.append(({"input_ids": p + c, "prompt_len": len(p)}, None))
+        elif overlong == "truncate" and len(p) < max_seq_len:
+            out.append(({"input_ids": (p + c)[:max_seq_len], "prompt_len": len(p)},
+                        Problem(row["file"], row["line"], f"{too_long}; the answer was cut "
+                                "(raise data.max_seq_len to keep it whole)", action="truncated")))
+        else:
+            hint = ("the prompt alone does not fit; shorten it or raise data.max_seq_len" if overlong == "truncate"
+                    else "raise data.max_seq_len or set data.overlong: truncate")
+            out.append((None, Problem(row["file"], row["line"], f"{too_long}; {hint}")))
+    return out
+
+
+def labels_of(input_ids: list[int], prompt_len: int) -> list[int]:
+    """The training labels of a sample: -100 over the prompt, the token ids after it."""
+    return [-100] * prompt_len + list(input_ids[prompt_len:])
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def _features():
+    import datasets
+
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    return datasets.Features({
+        "id": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "prompt_len": datasets.Value("int32"),
+        "category": datasets.Value("string"),
+        "prompt": [turn],
+        "reasoning": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+    })
+
+
+def _empty_split():
+    import datasets
+
+    features = _features()
+    return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+
+
+def _split_stats(rows: list[dict]) -> dict[str, Any]:
+    categories = Counter(r["category"] for r in rows)
+    terms = Counter()
+    for r in rows:
+        terms.update(r["terms"])
+    return {
+        "records": len(rows),
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+        "label_tokens": sum(len(r["input_ids"]) - r["prompt_len"] for r in rows),
+        "categories": dict(sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "top_terms": [[t, n] for t, n in sorted(terms.items(), key=lambda kv: (-kv[1], kv[0]))[:20]],
+    }
+
+
+def _num_proc(setting: int | str, n_items: int) -> int:
+    if setting != "auto":
+        return int(setting)
+    return 1 if n_items < 5000 else max(1, min(os.cpu_count() or 1, 8))
+
+
+def _parallel(fn, items: list, num_proc: int, **kwargs) -> list:
+    """fn(chunk, **kwargs) over contiguous chunks in worker processes; results in input order."""
+    if num_proc <= 1 or len(items) < 2:
+        return fn(items, **kwargs)
+    size = -(-len(items) // (num_proc * 4))  # a few chunks per worker evens out the load
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are the parallelism
+    with get_context("fork").Pool(num_proc) as pool:
+        results = pool.starmap(_call, [(fn, chunk, kwargs) for chunk in chunks])
+    return [x for part in results for x in part]
+
+
+def _call(fn, chunk, kwargs):
+    return fn(chunk, **kwargs)
+
+
+def _cache_key(cfg: Config, tokenizer, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    d = cfg.data
+    settings = {"v": PIPELINE_VERSION, "max_seq_len": d.max_seq_len, "overlong": d.overlong, "split": d.split.model_dump(),
+                "seed": d.seed, "to_simplified": d.to_simplified, "system_prompt": d.system_prompt,
+                "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, tokenizer.eos_token]}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for path in [*files, Path(d.terms)]:
+        h.update(str(path.resolve()).encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest() if path.exists() else b"missing")
+    return h.hexdigest()[:24]
+
+
+def _save(prepared: PreparedData, cache: Path) -> None:
+    """Write atomically: a half-written cache must never be picked up."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+    try:
+        for name, ds in prepared.splits.items():
+            if len(ds):  # datasets cannot load an empty saved dataset back; _load recreates it
+                ds.save_to_disk(str(tmp / name))
+        (tmp / "report.json").write_text(json.dumps(prepared.report.to_dict(), ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (cache / "report.json").exists():
+            raise
+
+
+def _load(cache: Path) -> PreparedData:
+    import datasets
+
+    report = DataReport.from_dict(json.loads((cache / "report.json").read_text(encoding="utf-8")))
+    return PreparedData({name: datasets.load_from_disk(str(cache / name)) if (cache / name).exists()
+                         else _empty_split() for name in SPLITS}, report)
+
+
+def _log_report(report: DataReport) -> None:
+    log.info("data: %d kept, %d dropped, %d truncated", report.kept, report.dropped, report.truncated)
+    for p in report.problems:
+        log.warning("data: %s", p)
+    for name, s in report.splits.items():
+        log.info("data: %s: %d records, %d tokens, categories %s", name, s["records"], s["tokens"], s["categories"])

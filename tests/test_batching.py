@@ -1,0 +1,129 @@
+"""Packing, epoch order, data position and collation."""
+
+import random
+
+import pytest
+import torch
+
+from qwen_daemon.train.batching import collate, epoch_units, micro_batches, pack
+from qwen_daemon.train.data import labels_of
+
+
+def fake_samples(n=200, max_len=300, seed=0):
+    """Samples with distinct token ids, so every token can be traced back to its sample."""
+    rng = random.Random(seed)
+    samples, next_id = [], 10
+    for _ in range(n):
+        length = rng.randint(8, max_len)
+        samples.append({"input_ids": list(range(next_id, next_id + length)), "prompt_len": rng.randint(1, length - 1)})
+        next_id += length
+    return samples
+
+
+def test_pack_puts_every_sample_in_exactly_one_sequence_within_the_limit():
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 512) for _ in range(5000)]
+    bins = pack(lengths, 512, seed=3)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    # Best-fit decreasing wastes little: the bins are nearly full.
+    assert sum(lengths) / (len(bins) * 512) > 0.97
+
+
+def test_pack_rejects_a_sample_longer_than_the_sequence():
+    with pytest.raises(ValueError, match="more than max_seq_len"):
+        pack([10, 600], 512)
+
+
+def test_every_token_of_every_sample_appears_exactly_once_across_packed_batches():
+    samples = fake_samples()
+    units = epoch_units([len(s["input_ids"]) for s in samples], epoch=0, seed=5, max_seq_len=512, packing=True)
+    seen = []
+    for _, batch in micro_batches(units, micro_batch_size=3):
+        b = collate([samples[i] for i in batch], packing=True, pad_token_id=0)
+        assert b["input_ids"].shape[0] == 1  # padding-free: one row
+        assert b["num_tokens"] == b["input_ids"].shape[1] <= 3 * 512
+        seen.extend(b["input_ids"][0].tolist())
+        # Position ids restart at 0 at every sample boundary.
+        starts = [p for p, pos in enumerate(b["position_ids"][0].tolist()) if pos == 0]
+        lengths = [len(samples[i]["input_ids"]) for i in batch]
+        assert starts == [sum(lengths[:k]) for k in range(len(batch))]
+    all_tokens = [t for s in samples for t in s["input_ids"]]
+    assert sorted(seen) == all_tokens  # ids are distinct and increasing: each exactly once
+
+
+def test_labels_are_masked_per_sample_in_a_packed_batch():
+    samples = fake_samples(5)
+    b = collate(samples, packing=True, pad_token_id=0)
+    expected = []
+    for s in samples:
+        labels = labels_of(s["input_ids"], s["prompt_len"])
+        expected += [-100] + labels[1:]  # a sample's first token is never a target
+    assert b["labels"][0].tolist() == expected
+    assert b["num_label_tokens"] == sum(len(s["input_ids"]) - s["prompt_len"] for s in samples)
+
+
+def test_dynamic_padding_without_packing():
+    samples = fake_samples(4, max_len=50)
+    b = collate(samples, packing=False, pad_token_id=151643)
+    width = b["input_ids"].shape[1]
+    assert width % 8 == 0 and width - max(len(s["input_ids"]) for s in samples) < 8
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        assert b["attention_mask"][row].sum() == n
+        assert (b["input_ids"][row, n:] == 151643).all()
+        assert (b["labels"][row, n:] == -100).all()
+    assert b["num_tokens"] == sum(len(s["input_ids"]) for s in samples)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_resume_and_batch_size_change_neither_skip_nor_repeat(packing):
+    lengths = [len(s["input_ids"]) for s in fake_samples(300)]
+    units = epoch_units(lengths, epoch=2, seed=9, max_seq_len=512, packing=packing)
+    seen, position = [], 0
+    for step, (position, batch) in enumerate(micro_batches(units, 4)):
+        seen += batch
+        if step == 5:
+            break
+    # "Resume" from the recorded position with another micro-batch size.
+    for position, batch in micro_batches(units, 7, start_sample=position):
+        seen += batch
+    assert sorted(seen) == list(range(300))
+    assert position == 300
+
+
+def test_epoch_order_is_seeded():
+    lengths = [len(s["input_ids"]) for s in fake_samples(100)]
+    a = epoch_units(lengths, epoch=0, seed=1, max_seq_len=512, packing=True)
+    assert a == epoch_units(lengths, epoch=0, seed=1, max_seq_len=512, packing=True)
+    assert a != epoch_units(lengths, epoch=1, seed=1, max_seq_len=512, packing=True)
+
+
+def test_a_position_inside_a_unit_is_refused():
+    units = [[0, 1], [2], [3, 4]]
+    with pytest.raises(ValueError, match="not a unit boundary"):
+        next(micro_batches(units, 1, start_sample=1))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_no_attention_or_position_leakage_across_packed_samples(attn):
+    """The tiny Qwen3 gives each sample the same logits packed as alone."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen_daemon.train.builtin import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-qwen3"), dtype=torch.float32,
+                                                 attn_implementation=attn).eval()
+    rng = random.Random(0)
+    samples = [{"input_ids": [rng.randrange(151000) for _ in range(n)], "prompt_len": 2} for n in (17, 40, 9)]
+    batch = collate(samples, packing=True, pad_token_id=151643)
+    with torch.no_grad():
+        # use_cache=False as in training: with a KV cache transformers does not look for packing.
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        offset = 0
+        for s in samples:
+            alone = model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
+            n = len(s["input_ids"])
+            torch.testing.assert_close(packed[offset:offset + n], alone, atol=1e-4, rtol=1e-4)
+            offset += n
