@@ -87,8 +87,10 @@ class DataConfig(_Section):
     """What to do with a sample longer than max_seq_len; either way it is reported."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = 42
-    to_simplified: bool = True
-    """Convert traditional Chinese to simplified (OpenCC t2s)."""
+    to_simplified: bool | Literal["tw2sp", "t2s", "tw2s", "hk2s"] = True
+    """Convert traditional Chinese to simplified: true = OpenCC tw2sp (also Taiwan vocabulary to
+    mainland vocabulary) for texts with traditional characters, simplified texts untouched; or an
+    OpenCC configuration name applied to every text; false = keep as written."""
     terms: str = "data/crypto_terms.tsv"
     """Term dictionary (TSV) for jieba segmentation, term statistics and stratified splits."""
     system_prompt: str | None = None

@@ -72,9 +72,9 @@ EXPECTED = [
     ("ZUC 用在哪里？", "<|im_start|>user\nZUC 用在哪里？", "ZUC 是祖冲之算法。", "ZUC 用于 LTE 的 128-EEA3 与 128-EIA3。"),
     # Markdown heading pairs
     ("SM3 的输出是多少位？", "<|im_start|>user\nSM3 的输出是多少位？", "SM3 是国家标准哈希函数。", "SM3 输出 256 位摘要。"),
-    # CSV, traditional Chinese converted to simplified
-    ("什么是杂凑函数？", "<|im_start|>user\n什么是杂凑函数？", "杂凑函数把任意长度输入映射为固定长度。",
-     "杂凑函数把任意长度的讯息压缩为固定长度的摘要。"),
+    # CSV, traditional Chinese (Taiwan usage: 雜湊函數, 訊息) converted to mainland simplified
+    ("什么是哈希函数？", "<|im_start|>user\n什么是哈希函数？", "哈希函数把任意长度输入映射为固定长度。",
+     "哈希函数把任意长度的消息压缩为固定长度的摘要。"),
 ]
 
 

@@ -31,14 +31,24 @@ def terms():
 # --- normalize_text ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("traditional, expected", [
-    ("區塊加密演算法", "区块加密演算法"),
-    ("數位簽章使用雜湊函數", "数位签章使用杂凑函数"),
-    ("資訊安全與金鑰管理", "资讯安全与金钥管理"),
+    # default tw2sp: characters and Taiwan vocabulary to mainland usage
+    ("區塊加密演算法", "区块加密算法"),
+    ("數位簽章使用雜湊函數", "数字签章使用哈希函数"),
+    ("資訊安全與金鑰管理", "信息安全与密钥管理"),
     ("橢圓曲線密碼學", "椭圆曲线密码学"),
     ("這個問題很難嗎？", "这个问题很难吗？"),
 ])
 def test_traditional_to_simplified(traditional, expected):
     assert normalize_text(traditional) == expected
+
+
+def test_simplified_text_is_never_rewritten_as_taiwan_vocabulary():
+    # tw2sp on its own would turn the mainland term 序列密码 (stream cipher) into 串行密码.
+    assert normalize_text("分组密码和序列密码") == "分组密码和序列密码"
+
+
+def test_character_only_conversion_on_request():
+    assert normalize_text("資訊安全與金鑰管理", to_simplified="t2s") == "资讯安全与金钥管理"
 
 
 def test_to_simplified_false_keeps_traditional():

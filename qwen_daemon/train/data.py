@@ -35,7 +35,7 @@ from qwen_daemon.train.text_zh import dedup_key, load_terms, normalize_text
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when prepared samples change for the same inputs
+PIPELINE_VERSION = 3  # bump when prepared samples change for the same inputs
 SPLITS = ("train", "validation", "test")
 UNCATEGORISED = "uncategorised"
 
@@ -52,18 +52,20 @@ class DataReport:
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {records, tokens, categories, top_terms}
     without_reasoning: int = 0
     ignored: list[str] = field(default_factory=list)  # files in the given directories that are not data
+    candidate_terms: list[list] = field(default_factory=list)  # [word, count]: frequent words not in the dictionary
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kept": self.kept, "dropped": self.dropped, "truncated": self.truncated,
             "problems": [asdict(p) for p in self.problems],
             "files": self.files, "splits": self.splits, "without_reasoning": self.without_reasoning, "ignored": self.ignored,
+            "candidate_terms": self.candidate_terms,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataReport:
         return cls(d["kept"], d["dropped"], d["truncated"], [Problem(**p) for p in d["problems"]],
-                   d["files"], d["splits"], d["without_reasoning"], d["ignored"])
+                   d["files"], d["splits"], d["without_reasoning"], d["ignored"], d["candidate_terms"])
 
     def format_text(self) -> str:
         """The human-readable report: per file, per problem, per split."""
@@ -81,6 +83,9 @@ class DataReport:
         for name, s in self.splits.items():
             cats = ", ".join(f"{c} {n}" for c, n in s["categories"].items())
             out.append(f"{name}: {s['records']} records, {s['tokens']} tokens ({s['label_tokens']} trained); {cats}")
+        if self.candidate_terms:
+            out.append("frequent words not in the term dictionary (candidates for data.terms): "
+                       + ", ".join(f"{w} {n}" for w, n in self.candidate_terms))
         return "\n".join(out)
 
 
@@ -145,6 +150,7 @@ def _prepare(cfg: Config, tokenizer, files: list[Path], file_problems: list[Prob
     report.without_reasoning = sum(1 for v in by_split.values() for r in v if r["reasoning"] is None)
     report.problems.sort(key=lambda p: (p.file, p.line))
     report.splits = {name: _split_stats(rows_) for name, rows_ in by_split.items()}
+    report.candidate_terms = _candidate_terms(by_split["train"], d.terms, d.seed)
     features = _features()
     splits = {name: datasets.Dataset.from_list([{k: r[k] for k in features} for r in rows_], features=features)
               if rows_ else _empty_split() for name, rows_ in by_split.items()}
@@ -311,6 +317,14 @@ def _features():
     })
 
 
+def _candidate_terms(rows: list[dict], terms_path: str, seed: int, sample: int = 2000) -> list[list]:
+    """jieba's view of the training text: frequent words the term dictionary lacks (on a sample)."""
+    if len(rows) > sample:
+        rows = random.Random(seed).sample(rows, sample)
+    texts = ("\n".join((r["prompt"][-1]["content"], r["reasoning"] or "", r["answer"])) for r in rows)
+    return [[w, n] for w, n in load_terms(terms_path).candidate_terms(texts)]
+
+
 def _empty_split():
     import datasets
 
@@ -369,6 +383,9 @@ def _cache_key(cfg: Config, tokenizer, files: list[Path]) -> str:
 
 def _save(prepared: PreparedData, cache: Path) -> None:
     """Write atomically: a half-written cache must never be picked up."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a daemon's log is no place for progress bars
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
     try:

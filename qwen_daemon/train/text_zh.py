@@ -140,21 +140,37 @@ _FENCE_BLOCK = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,}).*?(?:^[ \t]*(?P=fence)
                           re.MULTILINE | re.DOTALL)
 
 
+# OpenCC configurations that convert to simplified Chinese. "tw2sp" also turns Taiwan vocabulary
+# into mainland vocabulary (金鑰 -> 密钥, 演算法 -> 算法, 位元 -> 比特), which is what a model that
+# answers in mainland Chinese should learn; "t2s" converts characters only (金鑰 -> 金钥).
+# to_simplified=True picks between them per text (see _to_simplified).
+SIMPLIFIED_CONFIGS = ("tw2sp", "t2s", "tw2s", "hk2s")
+
+
 @functools.cache
-def _t2s_converter() -> Any:
-    """The OpenCC traditional-to-simplified converter, built once per process (a few ms)."""
-    import opencc  # the official C++ binding; its configs are named "t2s" or "t2s.json"
+def _opencc(config: str) -> Any:
+    """An OpenCC converter, built once per process and configuration (a few ms)."""
+    import opencc  # the official C++ binding; configs are named like "t2s"
 
-    return opencc.OpenCC("t2s")
+    return opencc.OpenCC(config)
 
 
-def normalize_text(text: str, *, to_simplified: bool = True) -> str:
+def _to_simplified(text: str, config: bool | str) -> str:
+    if config is not True:
+        return _opencc(config).convert(text)
+    # tw2sp also rewrites words of simplified text (序列密码 -> 串行密码), so only a text that has
+    # traditional characters gets it; simplified text is left exactly as written.
+    simplified = _opencc("t2s").convert(text)
+    return text if simplified == text else _opencc("tw2sp").convert(text)
+
+
+def normalize_text(text: str, *, to_simplified: bool | str = True) -> str:
     """Clean one text the way every training record is cleaned.
 
     Steps, in order: Unicode NFC; zero-width characters, BOM and soft hyphens removed; CR LF, CR
-    and Unicode line separators to LF; traditional to simplified Chinese with OpenCC "t2s" when
-    ``to_simplified`` (characters only, not vocabulary: 演算法 becomes 演算法 in simplified
-    characters, not the mainland word 算法); full-width ASCII letters, digits and symbols and the ideographic space to
+    and Unicode line separators to LF; traditional to simplified Chinese with OpenCC: when
+    ``to_simplified`` is true, a text with traditional characters gets "tw2sp" (characters and
+    Taiwan vocabulary) and a simplified text is left alone; or the named one of SIMPLIFIED_CONFIGS; full-width ASCII letters, digits and symbols and the ideographic space to
     half-width, except the full-width punctuation of Chinese text （），：；！？～ which stays;
     punctuation variants to their usual Chinese form (﹐ -> ，, ｡ -> 。, 「」 -> “”, 『』 -> ‘’,
     ⋯ -> …); whitespace: exotic spaces to a space, trailing spaces and tabs removed on each line,
@@ -172,7 +188,7 @@ def normalize_text(text: str, *, to_simplified: bool = True) -> str:
     if _CONTROL_RE.search(text):
         text = text.translate(_CONTROL_MAP)
     if to_simplified and not text.isascii():
-        text = _t2s_converter().convert(text)
+        text = _to_simplified(text, to_simplified)
     text = _WIDTH_RUN.sub(_translate_width_run, text)
     return _clean_whitespace(text)
 
@@ -318,18 +334,24 @@ def _build_pattern(forms: dict[str, str]) -> re.Pattern[str]:
     return re.compile("|".join(branches) or r"(?!)")
 
 
-def _build_tokenizer(words: Iterable[str]) -> Any:
-    """A private jieba tokenizer with the given user words (about 1 s: jieba's own dictionary)."""
+def _import_jieba() -> Any:
+    """jieba, imported without its noise."""
     with warnings.catch_warnings():
         # jieba 0.42 has invalid escape sequences: Python warns (DeprecationWarning before 3.12,
         # SyntaxWarning since) whenever it compiles the module without a cached .pyc.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", SyntaxWarning)
         import jieba
+        import jieba.analyse
 
     # jieba sets its logger to DEBUG on import and prints "Building prefix dict ..." through it.
     logging.getLogger("jieba").setLevel(logging.WARNING)
-    tokenizer = jieba.Tokenizer()
+    return jieba
+
+
+def _build_tokenizer(words: Iterable[str]) -> Any:
+    """A private jieba tokenizer with the given user words (about 1 s: jieba's own dictionary)."""
+    tokenizer = _import_jieba().Tokenizer()
     tokenizer.initialize()
     for word in words:
         tokenizer.add_word(word, freq=_USER_WORD_FREQ)
@@ -398,6 +420,22 @@ class TermDictionary:
             return None
         return min(by_category, key=lambda c: (-by_category[c], c))
 
+    def candidate_terms(self, texts: Iterable[str], k: int = 20) -> list[tuple[str, int]]:
+        """Frequent words that are not in the dictionary: suggestions for terms to add.
+
+        jieba segmentation (with the dictionary as user words) of the texts; words of two or more
+        characters that contain a Chinese character and are no term's name or alias, ranked by
+        count x jieba's inverse document frequency, so that everyday words (可以, 因此) sink.
+        Returns (word, count) pairs, best first.
+        """
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(w for w in self.segment(text) if len(w) > 1 and _HAN.search(w)
+                          and _surface_key(w) not in self._by_key)
+        idf, median = _jieba_idf()
+        ranked = sorted(counts, key=lambda w: (-counts[w] * idf.get(w, median), w))
+        return [(w, counts[w]) for w in ranked[:k]]
+
     def _jieba_words(self) -> list[str]:
         """Surface forms jieba can keep as one token and would not keep whole by itself.
 
@@ -413,6 +451,13 @@ class TermDictionary:
                         _HAN.search(word) or not word.isalnum()):
                     words.add(word)
         return sorted(words)
+
+
+@functools.lru_cache(maxsize=1)
+def _jieba_idf() -> tuple[dict[str, float], float]:
+    """jieba's bundled IDF table (word -> idf) and its median, for ranking candidate terms."""
+    tfidf = _import_jieba().analyse.default_tfidf
+    return tfidf.idf_freq, tfidf.median_idf
 
 
 def _restore(path: str, digest: str) -> TermDictionary:
