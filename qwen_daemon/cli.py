@@ -70,6 +70,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     prepared = _prepare(cfg)
     report = prepared.report
     print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) if args.json else report.format_text())
+    if report.kept == 0:
+        print("error: no usable record in the given paths", file=sys.stderr)
+        return 1
     return 1 if args.strict and report.problems else 0
 
 
@@ -86,6 +89,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     log.info("run %s in %s", cfg.run.name, run)
 
     prepared = _prepare(cfg)
+    if len(prepared.splits["train"]) == 0:
+        raise DataError(f"no training sample in {cfg.data.paths}; run `qwen-daemon data check` on them to see why")
     (run / runs.DATA_REPORT).write_text(json.dumps(prepared.report.to_dict(), ensure_ascii=False, indent=2),
                                         encoding="utf-8")
     print(f"run:         {cfg.run.name}\nrun dir:     {run}\n"

@@ -239,7 +239,9 @@ def _set_path(raw: dict, keys: tuple[str, ...], value: Any) -> None:
 def _describe(err: dict, source: str, lines: dict[tuple[str, ...], int], origin: dict[tuple[str, ...], str]) -> str:
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(loc)
-    where = origin.get(loc) or _where(source, lines, loc)
+    # A section-level error (split ratios) caused by an override of one of its keys names that override.
+    where = origin.get(loc) or next((o for keys, o in origin.items() if keys[:len(loc)] == loc), None) \
+        or _where(source, lines, loc)
     if err["type"] == "extra_forbidden":
         return f"{where}: {dotted}: unknown key{_suggest(loc)}"
     got = err.get("input")

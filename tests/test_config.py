@@ -117,3 +117,8 @@ def test_docs_list_every_key():
 
     missing = [k for k in keys(Config) if f"`{k}`" not in doc]
     assert not missing, f"docs/configuration.md does not document: {missing}"
+
+
+def test_a_section_error_caused_by_an_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"^--set data.split.train=0.5: data.split: .*sum to 1"):
+        load_config(None, ["data.split.train=0.5"])

@@ -173,6 +173,10 @@ def test_data_check_cli_json_and_strict():
     clean = run_cli("data", "check", str(FIXTURES / "good"), "--strict")
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "no problems" in clean.stdout
+    missing = run_cli("data", "check", "no/such/dir")
+    assert missing.returncode == 1
+    assert "no/such/dir: no such file or directory" in missing.stdout
+    assert "no usable record" in missing.stderr
 
 
 def test_bundled_data_set_has_no_problems():

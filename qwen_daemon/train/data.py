@@ -277,6 +277,8 @@ def render(tokenizer, prompt: list[dict], reasoning: str | None, answer: str) ->
 
 def _tokenise_chunk(rows: list[dict], tokenizer, max_seq_len: int, overlong: str) -> list[tuple[dict | None, Problem | None]]:
     """(sample or None if dropped, problem or None) per row."""
+    if not rows:
+        return []
     rendered = [render(tokenizer, r["prompt"], r["reasoning"], r["answer"]) for r in rows]
     prompts = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
     completions = tokenizer([c for _, c in rendered], add_special_tokens=False)["input_ids"]

@@ -15,7 +15,12 @@ def load_tokenizer(name_or_path: str):
 
     path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The local cache first: an offline GPU server must not wait for the hub's retries.
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        tokenizer = None
+    try:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load the tokenizer of {name_or_path!r}: {e}\n"
