@@ -106,19 +106,18 @@ def prepare_data(cfg: Config, tokenizer, cache_dir: Path | None = None) -> Prepa
         log.info("data: using prepared cache %s", cache)
         prepared = _load(cache)
     else:
-        prepared = _prepare(cfg, tokenizer, files, file_problems)
-        prepared.report.ignored = [str(f) for f in ignored]
+        prepared = _prepare(cfg, tokenizer, files, ignored, file_problems)
         _save(prepared, cache)
     _log_report(prepared.report)
     return prepared
 
 
-def _prepare(cfg: Config, tokenizer, files: list[Path], file_problems: list[Problem]) -> PreparedData:
+def _prepare(cfg: Config, tokenizer, files: list[Path], ignored: list[Path], file_problems: list[Problem]) -> PreparedData:
     import datasets
     import pyarrow as pa
 
     d = cfg.data
-    report = DataReport(problems=list(file_problems))
+    report = DataReport(problems=list(file_problems), ignored=[str(f) for f in ignored])
     conversations: list[Conversation] = []
     for path in files:
         convs, problems = read_file(path)
