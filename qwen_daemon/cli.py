@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -44,9 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-daemon", description="QLoRA fine-tuning of Qwen3 reasoning models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    start = sub.add_parser("start", help="start a run")
-    start.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
+    start = sub.add_parser("start", help="start a run (in the foreground in this build)")
+    start.add_argument("--config", help="YAML config, e.g. configs/demo.yaml")
     start.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    start.add_argument("--foreground", action="store_true", help="run in this terminal (the only mode so far)")
+    start.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<name> from its newest valid checkpoint")
     start.set_defaults(func=cmd_start)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
@@ -77,27 +80,51 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.set)
-    if cfg.run.name is None:
-        cfg.run.name = runs.default_run_name(args.config)
-    run = runs.run_dir(cfg)
-    if run.exists():
-        raise DataError(f"run directory {run} already exists; choose another run.name (--set run.name=...)")
-    run.mkdir(parents=True)
-    (run / runs.CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
-    _setup_logging(log_file=run / runs.DAEMON_LOG)
-    log.info("run %s in %s", cfg.run.name, run)
+    from qwen_daemon.train.controls import Controls
+    from qwen_daemon.train.loop import TrainingError, train
+    from qwen_daemon.train.model import ModelLoadError
+    from qwen_daemon.train.text_zh import TermDictionaryError
 
-    prepared = _prepare(cfg)
-    if len(prepared.splits["train"]) == 0:
-        raise DataError(f"no training sample in {cfg.data.paths}; run `qwen-daemon data check` on them to see why")
-    (run / runs.DATA_REPORT).write_text(json.dumps(prepared.report.to_dict(), ensure_ascii=False, indent=2),
-                                        encoding="utf-8")
-    print(f"run:         {cfg.run.name}\nrun dir:     {run}\n"
-          f"data:        {prepared.report.kept} samples ready "
-          f"({', '.join(f'{k} {len(v)}' for k, v in prepared.splits.items())}), "
-          f"{len(prepared.report.problems)} problem(s) - see {run / runs.DATA_REPORT}")
-    print("Stopping before training: the training engine is not part of this build yet (README, Roadmap).")
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / runs.CONFIG).exists():
+            raise DataError(f"{run} is not a run directory (no {runs.CONFIG}); give the path of runs/<name>")
+        cfg = load_config(run / runs.CONFIG, args.set)
+    else:
+        if not args.config:
+            raise ConfigError("start needs --config FILE (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.set)
+        if cfg.run.name is None:
+            cfg.run.name = runs.default_run_name(args.config)
+        run = runs.run_dir(cfg)
+        if run.exists():
+            raise DataError(f"run directory {run} already exists; choose another run.name (--set run.name=...) "
+                            f"or continue it with --resume {run}")
+        run.mkdir(parents=True)
+        (run / runs.CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
+    _setup_logging(log_file=run / runs.DAEMON_LOG)
+    print(f"run:      {cfg.run.name}\nrun dir:  {run}\n(in the foreground: Ctrl-C stops at the next step "
+          "with a checkpoint; --resume continues it)", flush=True)
+
+    controls = Controls()
+    # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit (a second Ctrl-C kills).
+    def stop(signum, frame):
+        log.warning("signal %d: stopping at the next step boundary with a checkpoint", signum)
+        controls.stop()
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    try:
+        state = train(cfg, run, controls, resume=bool(args.resume))
+    except (TrainingError, ModelLoadError, TermDictionaryError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if (run / "final").exists():
+        print(f"finished at step {state.step}: adapter in {run / 'final'}, answers in {run / 'inference.jsonl'}")
+    else:
+        print(f"stopped at step {state.step}; continue with: qwen-daemon start --resume {run}")
     return 0
 
 

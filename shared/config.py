@@ -62,6 +62,10 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA); slower per step."""
 
 
 class SplitConfig(_Section):
@@ -121,9 +125,14 @@ class TrainConfig(_Section):
     grad_accum: int = Field(4, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping threshold."""
     grad_checkpointing: bool = True
     seed: int = 42
     eval_every_steps: int = Field(100, gt=0)
+    inference_check_tokens: int = Field(256, ge=0)
+    """After training, answer a few test-split questions with the saved adapter, generating up to
+    this many tokens each; 0 = skip the check."""
 
 
 class CheckpointConfig(_Section):

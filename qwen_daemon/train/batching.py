@@ -69,12 +69,8 @@ def epoch_units(lengths: Sequence[int], *, epoch: int, seed: int, max_seq_len: i
     return units
 
 
-def micro_batches(units: list[list[int]], micro_batch_size: int, start_sample: int = 0):
-    """Yield (samples consumed after this micro-batch, sample indices) from `start_sample` on.
-
-    `start_sample` must fall on a unit boundary, which it always does when it was produced by
-    this function (whatever micro-batch size was used before).
-    """
+def unit_at(units: list[list[int]], start_sample: int) -> int:
+    """Index of the unit that begins at data position `start_sample` (samples consumed)."""
     consumed, u = 0, 0
     while u < len(units) and consumed < start_sample:
         consumed += len(units[u])
@@ -82,10 +78,35 @@ def micro_batches(units: list[list[int]], micro_batch_size: int, start_sample: i
     if consumed != start_sample:
         raise ValueError(f"data position {start_sample} is not a unit boundary of this epoch "
                          "(were the data or data.max_seq_len changed since the checkpoint?)")
-    for k in range(u, len(units), micro_batch_size):
+    return u
+
+
+def micro_batches(units: list[list[int]], micro_batch_size: int, start_sample: int = 0):
+    """Yield (samples consumed after this micro-batch, sample indices) from `start_sample` on.
+
+    `start_sample` must fall on a unit boundary, which it always does when it was produced by
+    this function or by `step_plan` (whatever micro-batch size was used before).
+    """
+    consumed = start_sample
+    for k in range(unit_at(units, start_sample), len(units), micro_batch_size):
         batch = [i for unit in units[k:k + micro_batch_size] for i in unit]
         consumed += len(batch)
         yield consumed, batch
+
+
+def step_plan(units: list[list[int]], start_sample: int, micro_batch_size: int, grad_accum: int,
+              world_size: int = 1, rank: int = 0) -> tuple[list[list[int]], int]:
+    """One optimizer step: this rank's micro-batches (sample indices) and the data position after
+    the step, counted over all ranks. Each micro-batch of the step spans `micro_batch_size` units
+    per rank; a step at the end of the epoch may be shorter."""
+    u = unit_at(units, start_sample)
+    per_micro = micro_batch_size * world_size
+    step_units = units[u:u + per_micro * grad_accum]
+    batches = []
+    for k in range(0, len(step_units), per_micro):
+        mine = step_units[k:k + per_micro][rank * micro_batch_size:(rank + 1) * micro_batch_size]
+        batches.append([i for unit in mine for i in unit])
+    return [b for b in batches if b], start_sample + sum(len(unit) for unit in step_units)
 
 
 def collate(samples: Sequence[dict], *, packing: bool, pad_token_id: int, flash_attention: bool = False) -> dict:

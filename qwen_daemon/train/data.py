@@ -35,7 +35,7 @@ from qwen_daemon.train.text_zh import dedup_key, load_terms, normalize_text
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when prepared samples change for the same inputs
+PIPELINE_VERSION = 4  # bump when prepared samples change for the same inputs
 SPLITS = ("train", "validation", "test")
 UNCATEGORISED = "uncategorised"
 
@@ -286,9 +286,9 @@ def _tokenise_chunk(rows: list[dict], tokenizer, max_seq_len: int, overlong: str
         n = len(p) + len(c)
         too_long = f"too long: {n} tokens > data.max_seq_len {max_seq_len}"
         if n <= max_seq_len:
-            out.append(({"input_ids": p + c, "prompt_len": len(p)}, None))
+            out.append(({"input_ids": p + c, "prompt_len": len(p), "num_tokens": n}, None))
         elif overlong == "truncate" and len(p) < max_seq_len:
-            out.append(({"input_ids": (p + c)[:max_seq_len], "prompt_len": len(p)},
+            out.append(({"input_ids": (p + c)[:max_seq_len], "prompt_len": len(p), "num_tokens": max_seq_len},
                         Problem(row["file"], row["line"], f"{too_long}; the answer was cut "
                                 "(raise data.max_seq_len to keep it whole)", action="truncated")))
         else:
@@ -313,6 +313,7 @@ def _features():
         "id": datasets.Value("string"),
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "prompt_len": datasets.Value("int32"),
+        "num_tokens": datasets.Value("int32"),
         "category": datasets.Value("string"),
         "prompt": [turn],
         "reasoning": datasets.Value("string"),

@@ -1,37 +1,144 @@
-"""Loading the tokenizer (and, with the training engine, the model) a config names."""
+"""Loading what a config names: the tokenizer, and the 4-bit base model with LoRA adapters."""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 from qwen_daemon.train.builtin import resolve_model_path
+from shared.config import Config
+
+log = logging.getLogger(__name__)
+
+HUB_ADVICE = (
+    "  - a hub id must already be in the local Hugging Face cache when the hub is unreachable "
+    "(download it first, e.g. `huggingface-cli download Qwen/Qwen3-4B-Thinking-2507`; in mainland China "
+    "set HF_ENDPOINT=https://hf-mirror.com);\n"
+    "  - or point model.name_or_path at a local model directory;\n"
+    "  - or use builtin:tiny-qwen3 / builtin:qwen3-tokenizer (offline, for trying the pipeline)."
+)
 
 
 class ModelLoadError(RuntimeError):
     """The model or tokenizer cannot be loaded; the message says what to do."""
 
 
+def _from_pretrained(loader, path: str, what: str, **kwargs):
+    """The local cache first (an offline server must not wait for the hub's retries), then the hub."""
+    try:
+        return loader(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if os.sep in path or path.startswith(".") or Path(path).is_absolute():
+        raise ModelLoadError(f"cannot load the {what} from {path!r}: no such model directory "
+                             "(a local path must hold config.json and the weights)")
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load the {what} of {path!r}: {e}\n{HUB_ADVICE}") from None
+
+
 def load_tokenizer(name_or_path: str):
     """A fast tokenizer by hub id, local directory or builtin:* name, with a clear error offline."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
-    try:
-        # The local cache first: an offline GPU server must not wait for the hub's retries.
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError):
-        tokenizer = None
-    try:
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load the tokenizer of {name_or_path!r}: {e}\n"
-            "  - a hub id must already be in the local Hugging Face cache when the hub is unreachable "
-            "(download it first, e.g. `huggingface-cli download Qwen/Qwen3-4B-Thinking-2507`; in mainland China "
-            "set HF_ENDPOINT=https://hf-mirror.com);\n"
-            "  - or point model.name_or_path (or model.tokenizer) at a local model directory;\n"
-            "  - or use builtin:qwen3-tokenizer (the real Qwen3 vocabulary and a Qwen3-Thinking chat template, offline)."
-        ) from None
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, resolve_model_path(name_or_path), "tokenizer")
     if not tokenizer.is_fast:
         raise ModelLoadError(f"{name_or_path!r} has no fast tokenizer (tokenizer.json); the data pipeline needs one")
     if tokenizer.eos_token is None or tokenizer.chat_template is None:
         raise ModelLoadError(f"{name_or_path!r} has no chat template or eos token; use a chat model's tokenizer")
     return tokenizer
+
+
+def compute_dtype(cfg: Config, device):
+    """The dtype of activations and LoRA weights on this device (`model.compute_dtype`)."""
+    import torch
+
+    if cfg.model.compute_dtype != "auto":
+        return getattr(torch, cfg.model.compute_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(cfg: Config, device):
+    """The base model (4-bit NF4 unless switched off) with fresh LoRA adapters, ready to train."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    model_config = _from_pretrained(AutoConfig.from_pretrained, path, "model config")
+    dtype = compute_dtype(cfg, device)
+    kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
+    if cfg.model.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(cfg, dtype)
+    if device.type == "cuda":
+        _check_gpu_memory(model_config, cfg, device)
+        kwargs["device_map"] = {"": device.index or 0}
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
+    model.config.use_cache = False  # training: a KV cache also hides packed sequences from the masks
+
+    # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight (the
+    # 151936-row embedding included) to float32, which costs memory and speed for nothing here.
+    model.requires_grad_(False)
+    if cfg.train.grad_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
+                      use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    for p in model.parameters():  # LoRA weights train in float32 for a stable optimizer state
+        if p.requires_grad:
+            p.data = p.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("model %s on %s, %s, compute %s: %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
+             device, "4-bit " + cfg.model.quant_type if cfg.model.load_in_4bit else "unquantised",
+             str(dtype).removeprefix("torch."), trainable, total, 100 * trainable / total)
+    if device.type == "cuda":
+        model.to(device)
+    return model
+
+
+def bnb_config(cfg: Config, dtype):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means the same thing to the user
+        raise ModelLoadError(f"bitsandbytes cannot be used on this machine ({type(e).__name__}: {e}); "
+                             "install a bitsandbytes build for this device, or train plain LoRA with "
+                             "--set model.load_in_4bit=false") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.quant_type,
+                              bnb_4bit_use_double_quant=cfg.model.double_quant, bnb_4bit_compute_dtype=dtype)
+
+
+def _check_gpu_memory(model_config, cfg: Config, device) -> None:
+    """Refuse to load what cannot fit: weights estimate against free GPU memory, before loading."""
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    h = model_config.hidden_size
+    layers = model_config.num_hidden_layers
+    inter = model_config.intermediate_size
+    heads, kv, hd = model_config.num_attention_heads, model_config.num_key_value_heads, \
+        getattr(model_config, "head_dim", None) or h // model_config.num_attention_heads
+    linear = layers * (h * hd * (heads * 2 + kv * 2) + 3 * h * inter)
+    embed = model_config.vocab_size * h * (1 if model_config.tie_word_embeddings else 2)
+    weight_bytes = (0.56 if cfg.model.load_in_4bit else 2) * linear + 2 * embed  # NF4 + absmax
+    # Activations of one micro-batch at max_seq_len, with checkpointing: a few hidden states per layer.
+    act_bytes = cfg.train.micro_batch_size * cfg.data.max_seq_len * (h * (4 if cfg.train.grad_checkpointing else 30)
+                                                                     * layers * 2 + model_config.vocab_size * 4)
+    need = weight_bytes + act_bytes
+    if need > free:
+        raise ModelLoadError(
+            f"not enough GPU memory on {device}: the model needs about {need / 2**30:.1f} GiB "
+            f"(weights {weight_bytes / 2**30:.1f} GiB, activations {act_bytes / 2**30:.1f} GiB), "
+            f"{free / 2**30:.1f} GiB are free. Free the GPU, or lower train.micro_batch_size / data.max_seq_len, "
+            "keep train.grad_checkpointing on, or use model.load_in_4bit: true")
+    log.info("GPU memory: about %.1f GiB needed, %.1f GiB free on %s", need / 2**30, free / 2**30, device)

@@ -1,0 +1,615 @@
+"""Crash-safe training checkpoints: save, verify, find the newest good one, restore.
+
+The training loop saves and restores through this module only and knows nothing of the file
+layout. A checkpoint is the directory ``<run_dir>/checkpoints/checkpoint-<step>/`` holding:
+
+- the LoRA adapter as peft writes it (``adapter_model.safetensors``, ``adapter_config.json``,
+  a model card), so the directory also loads with ``PeftModel.from_pretrained(base, dir)``;
+- ``optimizer.pt``, ``scheduler.pt``: the ``state_dict()`` of each;
+- ``rng.pt``: python ``random``, numpy (when importable), torch CPU and every CUDA device's RNG;
+- ``state.json``: the :class:`TrainState`;
+- ``manifest.json``, written last: ``{"format", "step", "created", "files": {relative path:
+  {"size", "sha256"}}}``. A directory without a manifest, or whose files do not match it, is not
+  a valid checkpoint.
+
+Atomicity: everything is written into ``checkpoints/.tmp-checkpoint-<step>-<pid>``, every file
+and directory is fsynced, and only then is the directory renamed to ``checkpoint-<step>`` (and
+the parent fsynced). A crash before the rename leaves no ``checkpoint-*`` directory. Replacing an
+existing step renames the old directory to ``.old-checkpoint-<step>-<pid>`` first, so one of the
+two is always complete on disk; checkpoints deleted by retention go through
+``.trash-checkpoint-<step>-<pid>`` so that a half-deleted one never looks like a checkpoint.
+Leftovers of a writer that is no longer running are cleaned up (an ``.old-`` one is put back when
+its replacement never arrived) by the next :func:`save_checkpoint` or :func:`latest_valid_checkpoint`.
+
+torch and peft are imported inside the functions that need them: listing and verifying
+checkpoints (e.g. from the TUI) must not pay for importing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+# What every checkpoint must list in its manifest; peft's model card (README.md) and the
+# subdirectories of extra adapters are listed too but not required.
+REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
+
+# No leading zeros: "checkpoint-007" and "checkpoint-7" would be two directories for one step.
+_CHECKPOINT_RE = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
+_LEFTOVER_RE = re.compile(r"\.(tmp|old|trash)-checkpoint-(0|[1-9][0-9]*)-([0-9]+)")
+_HASH_CHUNK = 1 << 20
+# peft's default ("auto") asks the Hugging Face hub, on every save, whether the base model's
+# vocabulary was resized (a network round trip, or a timeout on an offline server) and may then
+# copy the whole embedding matrix into each checkpoint. We never resize the vocabulary, so the
+# adapter tensors alone are saved; loading compares against the same selection.
+SAVE_EMBEDDING_LAYERS = False
+
+
+@dataclass
+class TrainState:
+    """Where training is; everything the loop needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    samples_in_epoch: int = 0  # data position: samples of this epoch already consumed
+    samples_seen: int = 0  # samples consumed since the start of the run
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    eval_loss: float | None = None  # latest validation loss
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model; the message says which and what to do."""
+
+
+# --------------------------------------------------------------------------- listing and verifying
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    """``<run_dir>/checkpoints``."""
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a ``checkpoint-<step>`` directory name; ValueError for any other name."""
+    m = _CHECKPOINT_RE.fullmatch(Path(path).name)
+    if not m:
+        raise ValueError(f"{path}: not a checkpoint directory name (expected checkpoint-<step>)")
+    return int(m.group(1))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` directories of a run, oldest step first; [] when there are none.
+
+    Only the name is checked: use :func:`verify_checkpoint` or :func:`latest_valid_checkpoint`
+    before trusting one.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=checkpoint_step)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check a checkpoint directory against its manifest; CheckpointError says what is wrong.
+
+    Checks that the manifest exists and parses, lists every required file, and that each listed
+    file exists with the recorded size and SHA-256. Reads every file once.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{manifest_path}: missing; the save did not finish or this is not a checkpoint written by "
+            "qwen_daemon; delete the directory"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({e}); the checkpoint is damaged, delete it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no 'files' table); delete the checkpoint")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{manifest_path}: checkpoint format {manifest.get('format')!r}, this version reads format {FORMAT}; "
+            "resume it with the qwen_daemon version that wrote it"
+        )
+    m = _CHECKPOINT_RE.fullmatch(path.name)
+    if m and manifest.get("step") != int(m.group(1)):
+        raise CheckpointError(
+            f"{manifest_path}: records step {manifest.get('step')!r} but the directory is {path.name}; "
+            "it was renamed or copied over, delete it"
+        )
+    files: dict[str, Any] = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{manifest_path}: does not list {name}; the checkpoint is incomplete, delete it")
+    for rel, info in files.items():
+        rel_path = Path(rel)
+        if rel_path.is_absolute() or ".." in rel_path.parts:
+            raise CheckpointError(f"{manifest_path}: lists a path outside the checkpoint ({rel!r}); delete it")
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{manifest_path}: malformed entry for {rel!r}; delete the checkpoint")
+        file = path / rel_path
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the manifest lists it); the checkpoint is incomplete, delete it")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise CheckpointError(
+                f"{file}: {size} bytes, the manifest says {info['size']}; the file was truncated or changed, "
+                "delete the checkpoint"
+            )
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointError(
+                f"{file}: SHA-256 does not match the manifest; the file is corrupt, delete the checkpoint"
+            )
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`, or None.
+
+    Logs a warning for each newer one that fails. Also finishes what a crashed writer left
+    behind (see the module docstring), so that a checkpoint set aside while being replaced
+    is found again.
+    """
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        try:
+            _recover_leftovers(root)
+        except OSError as e:
+            # A read-only observer (e.g. the TUI as another user) can still list and verify.
+            log.warning("cannot clean up interrupted saves in %s: %s", root, e)
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+            continue
+        return path
+    return None
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, *, keep_last: int) -> Path:
+    """Write checkpoint-<state.step> atomically, then apply retention; returns its path.
+
+    ``model`` is a peft ``PeftModel``, possibly wrapped in DDP / DataParallel / torch.compile.
+    An existing checkpoint of the same step is replaced (atomically). Retention keeps the
+    ``keep_last`` newest checkpoints, the one at ``state.best_step`` (when it exists) and always
+    the one just written; the others are deleted. Call it on one process only (rank 0 under
+    DDP); it is not safe to call from two threads at once.
+    """
+    import torch
+
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    peft_model = unwrap_model(model)
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _recover_leftovers(root)
+
+    step = int(state.step)
+    final = root / f"checkpoint-{step}"
+    pid = os.getpid()
+    tmp = root / f".tmp-checkpoint-{step}-{pid}"
+    old = root / f".old-checkpoint-{step}-{pid}"
+    tmp.mkdir()
+    try:
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=SAVE_EMBEDDING_LAYERS)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        torch.save(_capture_rng_state(), tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n", encoding="utf-8")
+        files = _sync_and_hash_tree(tmp)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        _fsync_dir(tmp)
+    except BaseException:
+        # Nothing named checkpoint-* exists yet; free the space (a full disk is a likely cause).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    replaced = final.exists()
+    if replaced:
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if replaced:
+            os.rename(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    if replaced:
+        shutil.rmtree(old)
+    log.info("saved checkpoint %s", final)
+
+    _apply_retention(run_dir, keep_last=keep_last, best_step=state.best_step, current_step=step)
+    return final
+
+
+def unwrap_model(model):
+    """The PeftModel inside DDP / DataParallel / torch.compile wrappers; TypeError for anything else."""
+    import torch
+    from peft import PeftModel
+
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(model, torch.nn.Module):
+            # torch.compile's wrapper; matched by name so that torch._dynamo is not imported for it.
+            model = model._orig_mod
+        else:
+            break
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"checkpoints hold a LoRA adapter: expected a peft PeftModel, got {type(model).__name__}")
+    return model
+
+
+def _apply_retention(run_dir: Path, *, keep_last: int, best_step: int | None, current_step: int) -> None:
+    """Delete all checkpoints but the keep_last newest, the best one and the current one."""
+    checkpoints = list_checkpoints(run_dir)
+    keep = {checkpoint_step(p) for p in checkpoints[-keep_last:]}
+    keep.add(current_step)
+    if best_step is not None:
+        keep.add(int(best_step))
+    root = checkpoints_dir(run_dir)
+    for path in checkpoints:
+        step = checkpoint_step(path)
+        if step in keep:
+            continue
+        # Rename first: a crash in the middle of rmtree must not leave a half checkpoint-N behind.
+        trash = root / f".trash-checkpoint-{step}-{os.getpid()}"
+        try:
+            os.rename(path, trash)
+            shutil.rmtree(trash)
+        except OSError as e:
+            # The new checkpoint is safe; failing to delete an old one must not stop training.
+            log.warning("could not delete old checkpoint %s: %s; delete it by hand to free the space", path, e)
+            continue
+        log.info("deleted old checkpoint %s (keeping the %d newest and the best)", path, keep_last)
+    _fsync_dir(root)
+
+
+def _recover_leftovers(root: Path) -> None:
+    """Clean up after writers that died mid-save: drop temporaries, put set-aside checkpoints back.
+
+    Leftovers of a running process (another pid that is alive) are left alone; our own pid's
+    are stale because a save in this process is never concurrent with this call.
+    """
+    me = os.getpid()
+    for entry in sorted(root.iterdir()):
+        m = _LEFTOVER_RE.fullmatch(entry.name)
+        if not m:
+            continue
+        kind, step, pid = m.group(1), int(m.group(2)), int(m.group(3))
+        if pid != me and _pid_alive(pid):
+            continue
+        final = root / f"checkpoint-{step}"
+        if kind == "old" and not final.exists():
+            # The writer died between moving the old checkpoint aside and renaming the new one in.
+            os.rename(entry, final)
+            _fsync_dir(root)
+            log.warning("restored %s, set aside by an interrupted save (pid %d) that never replaced it", final, pid)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.warning("removed %s left behind by an interrupted save (pid %d)", entry, pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+def _capture_rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        state["numpy"] = np.random.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sync_and_hash_tree(top: Path) -> dict[str, dict[str, Any]]:
+    """fsync every file and directory under top; {relative posix path: {size, sha256}} of the files.
+
+    The files were written and closed by torch / safetensors / peft, so they are reopened here:
+    on Linux fsync through a read-only descriptor flushes the file's data all the same.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            h = hashlib.sha256()
+            size = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                os.fsync(f.fileno())
+            files[path.relative_to(top).as_posix()] = {"size": size, "sha256": h.hexdigest()}
+        _fsync_dir(Path(dirpath))
+    return files
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so that the entries created or renamed in it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Verify a checkpoint and restore it in place; returns its TrainState.
+
+    Restores the adapter weights into ``model`` (a PeftModel, possibly wrapped), the optimizer
+    and scheduler state, and the RNG states (last, so nothing here consumes randomness after
+    them). Everything is read and checked against the model and optimizer before anything is
+    changed. CheckpointError when the checkpoint is invalid or does not fit (different LoRA rank
+    or target modules, different optimizer parameter groups).
+    """
+    path = Path(path)
+    verify_checkpoint(path)
+    peft_model = unwrap_model(model)
+    state = _read_state(path / STATE_FILE)
+
+    adapters = {name: _read_adapter(path, peft_model, name) for name in peft_model.peft_config}
+    # These files are our own (the manifest checksums match what save_checkpoint wrote) and hold
+    # python objects (param group options, scheduler attributes, RNG tuples, bitsandbytes'
+    # quantisation maps), which weights_only=True refuses. Optimizer tensors stay on the CPU
+    # here: optimizer.load_state_dict moves them to each parameter's device itself.
+    optimizer_state = _torch_load(path / OPTIMIZER_FILE)
+    scheduler_state = _torch_load(path / SCHEDULER_FILE)
+    rng_state = _torch_load(path / RNG_FILE)
+    _check_optimizer_fits(path / OPTIMIZER_FILE, optimizer_state, optimizer)
+
+    for name, weights in adapters.items():
+        _set_adapter_weights(path, peft_model, name, weights)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path / OPTIMIZER_FILE}: does not fit this optimizer ({e}); resume with the same optimizer settings"
+        ) from e
+    try:
+        scheduler.load_state_dict(scheduler_state)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path / SCHEDULER_FILE}: does not fit this scheduler ({e}); resume with the same scheduler settings"
+        ) from e
+    _restore_rng_state(rng_state)
+    log.info("restored checkpoint %s (step %d)", path, state.step)
+    return state
+
+
+def _torch_load(path: Path):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling fails in many ways; each means an unusable file
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); delete the checkpoint") from e
+
+
+def _read_state(path: Path) -> TrainState:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); delete the checkpoint") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a training state object; delete the checkpoint")
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        # Written by a newer version: the fields this version knows are enough to continue.
+        log.warning("%s: ignoring unknown fields %s", path, ", ".join(unknown))
+    try:
+        return TrainState(**{k: v for k, v in data.items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"{path}: invalid training state ({e}); delete the checkpoint") from None
+
+
+def _adapter_dir(path: Path, adapter_name: str) -> Path:
+    # peft's save_pretrained puts the "default" adapter at the top and any other in a subdirectory.
+    return path if adapter_name == "default" else path / adapter_name
+
+
+def _read_adapter(path: Path, peft_model, adapter_name: str) -> dict:
+    """The saved adapter tensors, checked against the model's adapter (same keys, same shapes)."""
+    from peft import get_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = _adapter_dir(path, adapter_name) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise CheckpointError(
+            f"{weights_path}: missing; the checkpoint has no weights for the model's adapter {adapter_name!r}"
+        )
+    device = _adapter_device(peft_model, adapter_name)
+    try:
+        saved = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: cannot be read ({e}); delete the checkpoint") from e
+
+    # save_pretrained wrote exactly get_peft_model_state_dict(); the same call on this model
+    # gives the keys and shapes the checkpoint must have.
+    expected = get_peft_model_state_dict(
+        peft_model, adapter_name=adapter_name, save_embedding_layers=SAVE_EMBEDDING_LAYERS
+    )
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong_shape = sorted(
+        k for k in set(saved) & set(expected) if tuple(saved[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        details = []
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(
+                f"{len(wrong_shape)} tensors of another shape (e.g. {k}: {tuple(saved[k].shape)} in the checkpoint, "
+                f"{tuple(expected[k].shape)} in the model)"
+            )
+        if unexpected:
+            details.append(f"{len(unexpected)} tensors the model lacks (e.g. {unexpected[0]})")
+        if missing:
+            details.append(f"{len(missing)} model tensors not in the checkpoint (e.g. {missing[0]})")
+        raise CheckpointError(
+            f"{weights_path}: the checkpoint's LoRA adapter does not match the model's "
+            f"({_describe_lora(_adapter_dir(path, adapter_name) / ADAPTER_CONFIG)} in the checkpoint; "
+            f"{_describe_lora(peft_model.peft_config[adapter_name])} in the model): {'; '.join(details)}. "
+            "Resume with the LoRA settings (lora.r, lora.target_modules, ...) of the run that wrote it, "
+            "or start a new run."
+        )
+    return saved
+
+
+def _set_adapter_weights(path: Path, peft_model, adapter_name: str, weights: dict) -> None:
+    from peft import set_peft_model_state_dict
+
+    weights_path = _adapter_dir(path, adapter_name) / ADAPTER_WEIGHTS
+    try:
+        result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    except RuntimeError as e:  # load_state_dict's size mismatch, even with strict=False
+        raise CheckpointError(f"{weights_path}: the checkpoint's LoRA adapter does not match the model: {e}") from e
+    # missing_keys also lists every base-model weight (strict=False); only the adapter's count.
+    marker = f".{adapter_name}."
+    missing = [k for k in result.missing_keys if marker in k]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(
+            f"{weights_path}: the checkpoint's LoRA adapter does not match the model "
+            f"(unexpected: {list(result.unexpected_keys)[:3]}, not restored: {missing[:3]}); "
+            "resume with the LoRA settings of the run that wrote it"
+        )
+
+
+def _adapter_device(peft_model, adapter_name: str):
+    import torch
+
+    marker = f".{adapter_name}."
+    for name, param in peft_model.named_parameters():
+        if marker in name:
+            return param.device
+    return torch.device("cpu")
+
+
+def _describe_lora(config_or_path) -> str:
+    """'r=16, target_modules=[...]' from a peft config or an adapter_config.json."""
+    if isinstance(config_or_path, Path):
+        try:
+            cfg = json.loads(config_or_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return "unreadable adapter_config.json"
+    else:
+        cfg = {"r": getattr(config_or_path, "r", None),
+               "target_modules": getattr(config_or_path, "target_modules", None)}
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, set, tuple)):
+        targets = sorted(targets)
+    return f"r={cfg.get('r')}, target_modules={targets}"
+
+
+def _check_optimizer_fits(path: Path, saved: Any, optimizer) -> None:
+    """Same number of parameter groups and parameters per group, before anything is changed."""
+    if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
+        raise CheckpointError(f"{path}: not an optimizer state; delete the checkpoint")
+    saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise CheckpointError(
+            f"{path}: optimizer parameter groups of sizes {saved_sizes}, this optimizer has {sizes}; "
+            "resume with the same LoRA and optimizer settings as the run that wrote it"
+        )
+
+
+def _restore_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        try:
+            import numpy as np
+        except ImportError:
+            log.warning("the checkpoint has a numpy RNG state but numpy is not installed; not restored")
+        else:
+            np.random.set_state(state["numpy"])
+    cuda_states = state.get("cuda")
+    if cuda_states:
+        if not torch.cuda.is_available():
+            log.warning("the checkpoint has CUDA RNG states but CUDA is not available; not restored")
+            return
+        count = torch.cuda.device_count()
+        if count != len(cuda_states):
+            log.warning(
+                "the checkpoint has RNG states for %d CUDA devices, %d are visible; restoring the first %d",
+                len(cuda_states), count, min(count, len(cuda_states)),
+            )
+        for index, device_state in enumerate(cuda_states[:count]):
+            torch.cuda.set_rng_state(device_state, index)

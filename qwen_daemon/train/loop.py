@@ -1,0 +1,452 @@
+"""The training loop: QLoRA on Qwen3, steerable at every optimizer step, resumable to the sample.
+
+    train(cfg, run_dir) -> TrainState
+
+reads top to bottom: set up (data, model, optimizer, schedule, maybe a checkpoint), then per
+optimizer step: apply pending commands, take the step's micro-batches, forward/backward with
+gradient accumulation (an OOM halves the micro-batch and redoes the same step), clip, step, log,
+evaluate, checkpoint. Then save the final adapter and check it by generating answers.
+
+Distributed-ready: rank and world size come from torchrun's environment; every rank takes its own
+slice of each step's units (batching.step_plan) and the loss is normalised by the label tokens
+of the whole step on all ranks.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_daemon.train.batching import collate, epoch_units, step_plan
+from qwen_daemon.train.checkpoint import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from qwen_daemon.train.controls import Command, Controls
+from qwen_daemon.train.data import prepare_data
+from qwen_daemon.train.model import bnb_config, compute_dtype, load_model, load_tokenizer
+from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
+from shared.config import Config
+
+log = logging.getLogger(__name__)
+
+INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Run:
+    """Everything the loop's helpers share; the loop itself owns the flow."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    splits: dict[str, Any]
+    state: TrainState
+    total_steps: int
+    sinks: Sinks
+    controls: Controls
+    world_size: int = 1
+    rank: int = 0
+    paused: bool = False
+    stopping: bool = False
+    injected_oom: dict[int, int] = field(default_factory=dict)
+    saved_step: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def units(self, epoch: int) -> list[list[int]]:
+        d = self.cfg.data
+        return epoch_units(self.splits["train"]["num_tokens"], epoch=epoch, seed=d.seed, max_seq_len=d.max_seq_len,
+                           packing=d.packing)
+
+
+def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: bool = False,
+          sinks: tuple = ()) -> TrainState:
+    """Train as `cfg` says, writing everything into `run_dir`; returns where training ended.
+
+    `sinks` are extra metrics/event sinks (the daemon's publisher, a test's recorder).
+    """
+    r = setup(cfg, run_dir, controls or Controls(), resume, sinks)
+    t = cfg.train
+    units = r.units(r.state.epoch)
+    r.sinks.event("train_start", step=r.state.step, total_steps=r.total_steps, resumed=resume,
+                  micro_batch_size=r.state.micro_batch_size, grad_accum=r.state.grad_accum)
+    while r.state.step < r.total_steps:
+        apply_commands(r)
+        if r.stopping:
+            break
+        if r.state.samples_in_epoch >= sum(map(len, units)):  # epoch done: the next one, reshuffled
+            r.state.epoch, r.state.samples_in_epoch = r.state.epoch + 1, 0
+            units = r.units(r.state.epoch)
+        started = time.perf_counter()
+        loss, tokens = optimizer_step(r, units)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(r.model), t.max_grad_norm).item()
+        r.optimizer.step()
+        r.scheduler.step()
+        r.optimizer.zero_grad(set_to_none=True)
+        r.state.step += 1
+        elapsed = time.perf_counter() - started
+        r.sinks.metrics({
+            "kind": "train", "ts": time.time(), "step": r.state.step, "total_steps": r.total_steps,
+            "epoch": r.state.epoch + r.state.samples_in_epoch / max(1, sum(map(len, units))),
+            "loss": loss, "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time": elapsed,
+            "samples_seen": r.state.samples_seen, "micro_batch_size": r.state.micro_batch_size,
+            "grad_accum": r.state.grad_accum, **gpu_memory(r.device),
+        })
+        if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
+            evaluate(r)
+        if r.state.step % r.cfg.checkpoint.every_steps == 0:
+            save(r)
+    save(r)  # final (or on stop): always a checkpoint to resume from
+    if r.stopping:
+        r.sinks.event("stopped", step=r.state.step)
+    else:
+        finish(r)
+    r.sinks.close()
+    return r.state
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_sinks: tuple = ()) -> Run:
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world_size > 1:
+        # The rank slicing and loss normalisation below are ready; DDP wrapping and the command
+        # broadcast are not, so refuse rather than train ranks apart.
+        raise TrainingError("multi-process training is not available in this build yet; use launch.num_processes: 1")
+    device = pick_device(rank)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    data = prepare_data(cfg, tokenizer)
+    splits = data.splits
+    if len(splits["train"]) == 0:
+        raise TrainingError(f"no training sample in {cfg.data.paths}; `qwen-daemon data check` shows why")
+    model = load_model(cfg, device)
+    optimizer = make_optimizer(model, cfg)
+    state = TrainState(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
+    sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
+    r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
+            world_size, rank, injected_oom=parse_injected_oom(os.environ.get(INJECT_OOM_ENV, "")))
+    r.total_steps = total_steps(r)
+    r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
+    if resume:
+        path = latest_valid_checkpoint(run_dir)
+        if path is None:
+            raise TrainingError(f"nothing to resume: no valid checkpoint in {run_dir / 'checkpoints'}")
+        r.state = load_checkpoint(path, model, optimizer, r.scheduler)
+        sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
+    return r
+
+
+def pick_device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model, cfg: Config):
+    """bitsandbytes paged 8-bit AdamW (paging needs CUDA: plain 8-bit AdamW on CPU)."""
+    import bitsandbytes as bnb
+
+    params = trainable(model)
+    paged = params[0].device.type == "cuda"
+    adamw = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    return adamw(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+
+
+def make_scheduler(optimizer, cfg: Config, total: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, round(cfg.train.warmup_ratio * total), total)
+
+
+def total_steps(r: Run) -> int:
+    """max_steps, or as many steps as `epochs` take at the configured global batch."""
+    if r.cfg.train.max_steps:
+        return r.cfg.train.max_steps
+    per_step = r.cfg.train.micro_batch_size * r.cfg.train.grad_accum * r.world_size
+    return math.ceil(r.cfg.train.epochs * math.ceil(len(r.units(0)) / per_step))
+
+
+# --- one optimizer step -------------------------------------------------------------------------
+
+def optimizer_step(r: Run, units: list[list[int]]) -> tuple[float, int]:
+    """Forward and backward over the step's micro-batches; returns (mean token loss, real tokens).
+
+    On an out-of-memory error: free memory, halve the micro-batch (doubling accumulation, so the
+    global batch stays) and redo the same step with the same samples. At micro-batch 1 give up
+    with advice.
+    """
+    while True:
+        batches, position = step_plan(units, r.state.samples_in_epoch, r.state.micro_batch_size,
+                                      r.state.grad_accum, r.world_size, r.rank)
+        try:
+            loss, tokens = forward_backward(r, batches)
+            break
+        except torch.OutOfMemoryError as e:
+            recover_from_oom(r, e)
+    r.state.samples_seen += position - r.state.samples_in_epoch
+    r.state.samples_in_epoch = position
+    return loss, tokens
+
+
+def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
+    ds = r.splits["train"].select_columns(["input_ids", "prompt_len"])
+    collated = [collate(ds.select(b), packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
+                        flash_attention=r.cfg.model.attn_implementation == "flash_attention_2") for b in batches]
+    label_tokens = sum(c["num_label_tokens"] for c in collated)
+    if r.world_size > 1:  # normalise by the whole step's label tokens on all ranks
+        n = torch.tensor(label_tokens, device=r.device)
+        torch.distributed.all_reduce(n)
+        label_tokens = int(n.item())
+    dtype = compute_dtype(r.cfg, r.device)
+    total = torch.zeros((), device=r.device)
+    for i, batch in enumerate(collated):
+        maybe_inject_oom(r, i)
+        inputs = {k: batch[k].to(r.device) for k in MODEL_INPUTS if k in batch}
+        with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
+        loss.backward()
+        total += loss.detach()  # each micro-batch's share of the step's mean token loss
+    return total.item(), sum(c["num_tokens"] for c in collated)
+
+
+def recover_from_oom(r: Run, error: Exception) -> None:
+    r.optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if r.device.type == "cuda":
+        torch.cuda.empty_cache()
+    old_mbs, old_accum = r.state.micro_batch_size, r.state.grad_accum
+    new_mbs = halved_divisor(old_mbs, old_mbs * old_accum)
+    if new_mbs is None:
+        r.sinks.event("oom_fatal", step=r.state.step + 1, micro_batch_size=old_mbs)
+        raise TrainingError(
+            f"out of memory at step {r.state.step + 1} with micro-batch 1 ({error}). Lower data.max_seq_len, "
+            "keep train.grad_checkpointing on, train fewer LoRA targets (lora.target_modules), or use a larger GPU"
+        ) from None
+    r.state.micro_batch_size, r.state.grad_accum = new_mbs, old_mbs * old_accum // new_mbs
+    log.warning("out of memory at step %d: micro-batch %d -> %d, accumulation %d -> %d; redoing the step",
+                r.state.step + 1, old_mbs, new_mbs, old_accum, r.state.grad_accum)
+    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=new_mbs, grad_accum=r.state.grad_accum,
+                  previous_micro_batch_size=old_mbs, previous_grad_accum=old_accum)
+
+
+def halved_divisor(micro_batch_size: int, global_batch: int) -> int | None:
+    """The largest divisor of the global batch that is at most half the micro-batch, or None."""
+    return next((m for m in range(micro_batch_size // 2, 0, -1) if global_batch % m == 0), None)
+
+
+def parse_injected_oom(spec: str) -> dict[int, int]:
+    """'3,7x2' -> {3: 1, 7: 2}: fault injection for tests (QWEN_DAEMON_INJECT_OOM)."""
+    out: dict[int, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        step, _, times = part.partition("x")
+        out[int(step)] = int(times or 1)
+    return out
+
+
+def maybe_inject_oom(r: Run, micro_batch: int) -> None:
+    step = r.state.step + 1
+    if micro_batch == 0 and r.injected_oom.get(step, 0) > 0:
+        r.injected_oom[step] -= 1
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_OOM_ENV} at step {step})")
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"gpu_allocated": torch.cuda.memory_allocated(device) / 2**30,
+            "gpu_reserved": torch.cuda.memory_reserved(device) / 2**30,
+            "gpu_peak": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
+# --- evaluation and checkpoints -----------------------------------------------------------------
+
+def evaluate(r: Run) -> float | None:
+    """Mean token loss on the validation split (no dropout, no gradients)."""
+    ds = r.splits["validation"].select_columns(["input_ids", "prompt_len"])
+    if len(ds) == 0:
+        return None
+    units = epoch_units(r.splits["validation"]["num_tokens"], epoch=0, seed=r.cfg.data.seed, max_seq_len=r.cfg.data.max_seq_len,
+                        packing=r.cfg.data.packing)
+    r.model.eval()
+    loss_sum, label_tokens = 0.0, 0
+    with torch.no_grad():
+        for k in range(r.rank * r.state.micro_batch_size, len(units), r.state.micro_batch_size * r.world_size):
+            samples = [i for unit in units[k:k + r.state.micro_batch_size] for i in unit]
+            batch = collate(ds.select(samples), packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id)
+            inputs = {key: batch[key].to(r.device) for key in MODEL_INPUTS if key in batch}
+            dtype = compute_dtype(r.cfg, r.device)
+            with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, batch["num_label_tokens"]))
+            loss_sum += out.loss.item() * batch["num_label_tokens"]
+            label_tokens += batch["num_label_tokens"]
+    r.model.train()
+    if r.world_size > 1:
+        t = torch.tensor([loss_sum, label_tokens], device=r.device, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        loss_sum, label_tokens = t.tolist()
+    eval_loss = loss_sum / max(1, label_tokens)
+    r.state.eval_loss = eval_loss
+    if r.state.best_eval_loss is None or eval_loss < r.state.best_eval_loss:
+        r.state.best_eval_loss, r.state.best_step = eval_loss, r.state.step
+    r.sinks.metrics({"kind": "eval", "ts": time.time(), "step": r.state.step, "eval_loss": eval_loss})
+    return eval_loss
+
+
+def save(r: Run) -> Path | None:
+    if not r.is_main or r.saved_step == r.state.step:
+        return None
+    r.saved_step = r.state.step
+    path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler, keep_last=r.cfg.checkpoint.keep_last)
+    r.sinks.event("checkpoint", step=r.state.step, path=str(path))
+    return path
+
+
+# --- commands at the step boundary --------------------------------------------------------------
+
+def apply_commands(r: Run) -> None:
+    """Apply what arrived since the last step; while paused, wait here for more."""
+    while True:
+        for command in r.controls.take():
+            try:
+                result = apply(r, command)
+            except (ValueError, TrainingError) as e:
+                command.future.set_exception(e)
+                r.sinks.event("command_failed", step=r.state.step, command=command.name, error=str(e))
+            else:
+                command.future.set_result({"step": r.state.step, **result})
+                r.sinks.event("command_applied", step=r.state.step, command=command.name, **result)
+        if not r.paused or r.stopping:
+            return
+        r.controls.wait()
+
+
+def apply(r: Run, command: Command) -> dict[str, Any]:
+    if command.name == "pause":
+        r.paused = True
+        if command.args.get("release_memory") and r.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"paused": True}
+    if command.name == "resume":
+        r.paused = False
+        return {"paused": False}
+    if command.name == "checkpoint":
+        save(r)
+        return {"path": str(r.run_dir / "checkpoints" / f"checkpoint-{r.state.step}")}
+    if command.name == "stop":
+        r.stopping = True
+        return {"stopping": True}
+    if command.name == "set_batch_size":
+        return set_micro_batch_size(r, **command.args)
+    raise ValueError(f"unknown command {command.name!r}")
+
+
+def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool = True) -> dict[str, Any]:
+    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+    s = r.state
+    global_batch = s.micro_batch_size * s.grad_accum
+    if keep_global_batch:
+        if global_batch % micro_batch_size:
+            options = [m for m in range(1, global_batch + 1) if global_batch % m == 0]
+            raise ValueError(f"micro-batch {micro_batch_size} does not divide the global batch {global_batch} "
+                             f"(per process); choose one of {options}, or allow the global batch to change")
+        s.micro_batch_size, s.grad_accum = micro_batch_size, global_batch // micro_batch_size
+    else:
+        s.micro_batch_size = micro_batch_size
+    return {"micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
+            "global_batch": s.micro_batch_size * s.grad_accum * r.world_size}
+
+
+# --- the end: final adapter and an inference check ------------------------------------------------
+
+def finish(r: Run) -> None:
+    if not r.is_main:
+        return
+    final = r.run_dir / "final"
+    r.model.save_pretrained(final)
+    r.tokenizer.save_pretrained(final)
+    r.sinks.event("final_saved", step=r.state.step, path=str(final))
+    questions = [row for row in r.splits["test"].select(range(min(3, len(r.splits["test"]))))]
+    # Free the trained model before loading base + adapter afresh (the seeds' evaluation ran out
+    # of memory by keeping both).
+    r.model = r.optimizer = None
+    gc.collect()
+    if r.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if r.cfg.train.inference_check_tokens == 0:
+        return
+    answers = inference_check(r.cfg, final, questions, r.device, r.cfg.train.inference_check_tokens)
+    with open(r.run_dir / "inference.jsonl", "w", encoding="utf-8") as f:
+        for a in answers:
+            f.write(json.dumps(a, ensure_ascii=False) + "\n")
+    r.sinks.event("inference_check", step=r.state.step, answers=answers)
+
+
+def inference_check(cfg: Config, adapter_dir: Path, questions: list[dict], device: torch.device,
+                    max_new_tokens: int = 256) -> list[dict[str, str]]:
+    """Load the base model and the saved adapter afresh and answer held-out questions with the
+    thinking template (the generation prompt opens <think>)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_daemon.train.builtin import resolve_model_path
+
+    dtype = compute_dtype(cfg, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.model.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(cfg, dtype)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), **kwargs)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    torch.manual_seed(cfg.train.seed)
+    answers = []
+    for q in questions:
+        prompt = tokenizer.apply_chat_template(q["prompt"], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens)
+        answers.append({"question": q["prompt"][-1]["content"], "reference": q["answer"],
+                        "generated": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)})
+    del model, base
+    return answers
+
