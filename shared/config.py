@@ -53,6 +53,8 @@ class ModelConfig(_Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """auto = bfloat16 where supported, else float16 on GPU, float32 on CPU."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    liger_kernels: bool = True
+    """Use liger-kernel's fused kernels on CUDA (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU)."""
 
 
 class LoraConfig(_Section):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from qwen_daemon.train.batching import collate, epoch_units, micro_batches, pack
+from qwen_daemon.train.batching import collate, epoch_units, micro_batches, pack, step_plan
 from qwen_daemon.train.data import labels_of
 
 
@@ -40,33 +40,51 @@ def test_every_token_of_every_sample_appears_exactly_once_across_packed_batches(
     samples = fake_samples()
     units = epoch_units([len(s["input_ids"]) for s in samples], epoch=0, seed=5, max_seq_len=512, packing=True)
     seen = []
-    for _, batch in micro_batches(units, micro_batch_size=3):
-        b = collate([samples[i] for i in batch], packing=True, pad_token_id=0)
-        assert b["input_ids"].shape[0] == 1  # padding-free: one row
-        assert b["num_tokens"] == b["input_ids"].shape[1] <= 3 * 512
-        seen.extend(b["input_ids"][0].tolist())
-        # Position ids restart at 0 at every sample boundary.
-        starts = [p for p, pos in enumerate(b["position_ids"][0].tolist()) if pos == 0]
-        lengths = [len(samples[i]["input_ids"]) for i in batch]
-        assert starts == [sum(lengths[:k]) for k in range(len(batch))]
+    position = 0
+    while position < len(samples):
+        batches, position = step_plan(units, position, micro_batch_size=3, grad_accum=2)
+        for micro_batch in batches:
+            b = collate([[samples[i] for i in unit] for unit in micro_batch], packing=True, pad_token_id=0)
+            assert b["input_ids"].shape[0] == len(micro_batch)  # one row per packed sequence
+            assert b["input_ids"].shape[1] <= 512
+            assert b["num_tokens"] == sum(len(samples[i]["input_ids"]) for unit in micro_batch for i in unit)
+            for row, unit in enumerate(micro_batch):
+                lengths = [len(samples[i]["input_ids"]) for i in unit]
+                real = sum(lengths)
+                seen.extend(b["input_ids"][row, :real].tolist())
+                # Position ids restart at 0 at every sample boundary (and for the padding tail).
+                positions = b["position_ids"][row].tolist()
+                starts = [p for p, pos in enumerate(positions[:real]) if pos == 0]
+                assert starts == [sum(lengths[:k]) for k in range(len(unit))]
+                assert (b["labels"][row, real:] == -100).all()
     all_tokens = [t for s in samples for t in s["input_ids"]]
     assert sorted(seen) == all_tokens  # ids are distinct and increasing: each exactly once
 
 
-def test_labels_are_masked_per_sample_in_a_packed_batch():
+def test_labels_are_masked_per_sample_in_a_packed_row():
     samples = fake_samples(5)
-    b = collate(samples, packing=True, pad_token_id=0)
+    b = collate([samples], packing=True, pad_token_id=0)
     expected = []
     for s in samples:
         labels = labels_of(s["input_ids"], s["prompt_len"])
         expected += [-100] + labels[1:]  # a sample's first token is never a target
-    assert b["labels"][0].tolist() == expected
+    real = len(expected)
+    assert b["labels"][0, :real].tolist() == expected
     assert b["num_label_tokens"] == sum(len(s["input_ids"]) - s["prompt_len"] for s in samples)
+
+
+def test_flash_attention_gets_one_flattened_row_with_every_sample_boundary():
+    samples = fake_samples(4, max_len=40)
+    b = collate([samples[:2], samples[2:]], packing=True, pad_token_id=0, flash_attention=True)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert b["input_ids"].shape == (1, sum(lengths))
+    assert b["cu_seq_lens_q"].tolist() == [0, *(sum(lengths[:k + 1]) for k in range(4))]  # every sample
+    assert b["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
 
 
 def test_dynamic_padding_without_packing():
     samples = fake_samples(4, max_len=50)
-    b = collate(samples, packing=False, pad_token_id=151643)
+    b = collate([[s] for s in samples], packing=False, pad_token_id=151643)
     width = b["input_ids"].shape[1]
     assert width % 8 == 0 and width - max(len(s["input_ids"]) for s in samples) < 8
     for row, s in enumerate(samples):
@@ -116,14 +134,16 @@ def test_no_attention_or_position_leakage_across_packed_samples(attn):
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-qwen3"), dtype=torch.float32,
                                                  attn_implementation=attn).eval()
     rng = random.Random(0)
-    samples = [{"input_ids": [rng.randrange(151000) for _ in range(n)], "prompt_len": 2} for n in (17, 40, 9)]
-    batch = collate(samples, packing=True, pad_token_id=151643)
+    samples = [{"input_ids": [rng.randrange(151000) for _ in range(n)], "prompt_len": 2} for n in (17, 40, 9, 30)]
+    # Two packed rows of different length: the shorter one is padded.
+    batch = collate([samples[:3], samples[3:]], packing=True, pad_token_id=151643)
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers does not look for packing.
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        offset = 0
-        for s in samples:
-            alone = model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
-            n = len(s["input_ids"])
-            torch.testing.assert_close(packed[offset:offset + n], alone, atol=1e-4, rtol=1e-4)
-            offset += n
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row, unit in enumerate([samples[:3], samples[3:]]):
+            offset = 0
+            for s in unit:
+                alone = model(input_ids=torch.tensor([s["input_ids"]])).logits[0]
+                n = len(s["input_ids"])
+                torch.testing.assert_close(packed[row, offset:offset + n], alone, atol=1e-4, rtol=1e-4)
+                offset += n

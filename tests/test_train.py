@@ -82,7 +82,7 @@ def seen_samples(monkeypatch):
     def recording(r, batches):
         result = real(r, batches)
         ids = r.splits["train"]["id"]
-        seen.append([ids[i] for b in batches for i in b])
+        seen.append([ids[i] for micro_batch in batches for unit in micro_batch for i in unit])
         return result
 
     monkeypatch.setattr(loop, "forward_backward", recording)
@@ -121,7 +121,7 @@ def test_loss_counts_only_the_assistant_tokens(tmp_path, data_dir):
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin:tiny-qwen3"), dtype=torch.float32)
     samples = [{"input_ids": list(range(100, 120)), "prompt_len": 12}, {"input_ids": list(range(300, 310)), "prompt_len": 4}]
-    batch = collate(samples, packing=True, pad_token_id=0)
+    batch = collate([samples], packing=True, pad_token_id=0)  # one packed row
     n = batch["num_label_tokens"]
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],

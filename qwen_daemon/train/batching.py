@@ -9,11 +9,11 @@ The data position is the number of samples consumed in the epoch. Units never ch
 micro-batch size does, so a resume or a batch-size change continues at a unit boundary and no
 sample is skipped or repeated.
 
-Packed micro-batches are padding-free: all samples of the micro-batch are flattened into one row
-(transformers' DataCollatorWithFlattening) with position ids restarting at 0 for every sample.
-Transformers turns those position ids into a block-diagonal causal mask for SDPA and eager
-attention, and flash-attention gets the `cu_seq_lens` it needs for variable-length sequences, so
-no token attends across a sample boundary. The forward pass must run with `use_cache=False`
+Packed micro-batches have one row per packed sequence with position ids restarting at 0 for
+every sample (see `collate`). Transformers turns those position ids into a block-diagonal causal
+mask for SDPA and eager attention; with flash-attention the micro-batch is flattened into one row
+and the kernel gets the `cu_seq_lens` it needs for variable-length sequences. Either way no token
+attends across a sample boundary. The forward pass must run with `use_cache=False`
 (as training does): with a KV cache, transformers does not look for packed sequences.
 """
 
@@ -95,44 +95,66 @@ def micro_batches(units: list[list[int]], micro_batch_size: int, start_sample: i
 
 
 def step_plan(units: list[list[int]], start_sample: int, micro_batch_size: int, grad_accum: int,
-              world_size: int = 1, rank: int = 0) -> tuple[list[list[int]], int]:
-    """One optimizer step: this rank's micro-batches (sample indices) and the data position after
+              world_size: int = 1, rank: int = 0) -> tuple[list[list[list[int]]], int]:
+    """One optimizer step: this rank's micro-batches (each a list of units of sample indices) and
+    the data position after
     the step, counted over all ranks. Each micro-batch of the step spans `micro_batch_size` units
     per rank; a step at the end of the epoch may be shorter."""
     u = unit_at(units, start_sample)
     per_micro = micro_batch_size * world_size
     step_units = units[u:u + per_micro * grad_accum]
-    batches = []
-    for k in range(0, len(step_units), per_micro):
-        mine = step_units[k:k + per_micro][rank * micro_batch_size:(rank + 1) * micro_batch_size]
-        batches.append([i for unit in mine for i in unit])
+    batches = [step_units[k:k + per_micro][rank * micro_batch_size:(rank + 1) * micro_batch_size]
+               for k in range(0, len(step_units), per_micro)]
     return [b for b in batches if b], start_sample + sum(len(unit) for unit in step_units)
 
 
-def collate(samples: Sequence[dict], *, packing: bool, pad_token_id: int, flash_attention: bool = False) -> dict:
-    """Tensors for one micro-batch of samples ({input_ids, prompt_len}).
+def collate(units: Sequence[Sequence[dict]], *, packing: bool, pad_token_id: int, flash_attention: bool = False) -> dict:
+    """Tensors for one micro-batch: a list of units, each a list of samples ({input_ids, prompt_len}).
 
-    Returns input_ids, labels and either position_ids (packed: one row, no padding) or
-    attention_mask (padded to the longest sample, rounded up to a multiple of 8), plus
-    `num_tokens` (real tokens, never padding) and `num_label_tokens` (tokens the loss counts).
+    Packed, each unit is one row: its samples back to back, position ids restarting at 0 for
+    every sample, rows padded at the end to the longest row (a multiple of 8; packed rows are
+    nearly full, so this is little), the padding given its own positions so that it forms a
+    separate sequence nobody attends to. With flash-attention the whole micro-batch is one row
+    with the `cu_seq_lens` the varlen kernel needs (no padding at all). Without packing, one
+    sample per row with an attention mask.
+
+    One row per packed unit rather than one row for the micro-batch: SDPA and eager attention
+    apply the block-diagonal mask to a whole row, so their cost grows with the square of the
+    row's length.
+
+    Also returns `num_tokens` (real tokens, never padding) and `num_label_tokens` (tokens the
+    loss counts).
     """
     import torch
     from transformers import DataCollatorWithFlattening
 
-    features = [{"input_ids": list(s["input_ids"]), "labels": labels_of(s["input_ids"], s["prompt_len"])}
-                for s in samples]
+    rows = []
+    for unit in units:
+        ids, labels, positions = [], [], []
+        for s in unit:
+            sample_labels = labels_of(s["input_ids"], s["prompt_len"])
+            sample_labels[0] = -100  # never the target of the previous sample's last token
+            ids += list(s["input_ids"])
+            labels += sample_labels
+            positions += range(len(s["input_ids"]))
+        rows.append((ids, labels, positions))
+    num_tokens = sum(len(ids) for ids, _, _ in rows)
+    # The model shifts labels by one: a label counts if it is not -100 and not a row's first.
+    num_label_tokens = sum(sum(1 for t in labels[1:] if t != -100) for _, labels, _ in rows)
+
+    if packing and flash_attention:  # one feature per sample: cu_seq_lens marks every sample boundary
+        features = [{"input_ids": list(s["input_ids"]), "labels": labels_of(s["input_ids"], s["prompt_len"])}
+                    for unit in units for s in unit]
+        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(features)
+        return {**batch, "num_tokens": num_tokens, "num_label_tokens": num_label_tokens}
+    width = -(-max(len(ids) for ids, _, _ in rows) // 8) * 8
+    pads = [width - len(ids) for ids, _, _ in rows]
+    batch = {
+        "input_ids": torch.tensor([ids + [pad_token_id] * p for (ids, _, _), p in zip(rows, pads)]),
+        "labels": torch.tensor([labels + [-100] * p for (_, labels, _), p in zip(rows, pads)]),
+    }
     if packing:
-        batch = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_attention, return_tensors="pt")(features)
+        batch["position_ids"] = torch.tensor([list(pos) + list(range(p)) for (_, _, pos), p in zip(rows, pads)])
     else:
-        longest = max(len(f["input_ids"]) for f in features)
-        width = -(-longest // 8) * 8
-        pad = [width - len(f["input_ids"]) for f in features]
-        batch = {
-            "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
-            "labels": torch.tensor([f["labels"] + [-100] * p for f, p in zip(features, pad)]),
-            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * p for f, p in zip(features, pad)]),
-        }
-    batch["num_tokens"] = sum(len(f["input_ids"]) for f in features)
-    # The model shifts labels by one, so the first label of each sample never counts.
-    batch["num_label_tokens"] = sum(sum(1 for t in f["labels"][1:] if t != -100) for f in features)
-    return batch
+        batch["attention_mask"] = torch.tensor([[1] * len(ids) + [0] * p for (ids, _, _), p in zip(rows, pads)])
+    return {**batch, "num_tokens": num_tokens, "num_label_tokens": num_label_tokens}

@@ -29,7 +29,8 @@ CACHE_ENV = "QWEN_DAEMON_CACHE"
 
 TOKENIZER_NAME = "builtin:qwen3-tokenizer"
 TINY_MODEL_NAME = "builtin:tiny-qwen3"
-BUILTIN_NAMES = (TOKENIZER_NAME, TINY_MODEL_NAME)
+RANDOM_4B_NAME = "builtin:random-qwen3-4b"
+BUILTIN_NAMES = (TOKENIZER_NAME, TINY_MODEL_NAME, RANDOM_4B_NAME)
 
 # Bump when the builder output changes; the directory names carry the same number.
 TOKENIZER_FORMAT = 1
@@ -103,6 +104,10 @@ TINY_CONFIG = dict(
     eos_token_id=IM_END_ID,
     pad_token_id=ENDOFTEXT_ID,
 )
+# Qwen3-4B's exact architecture (randomly initialised: for speed and memory benchmarks on a GPU,
+# which do not depend on the weights' values). 8 GB on disk in bf16.
+QWEN3_4B_CONFIG = dict(TINY_CONFIG, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960)
 # Sampling defaults of Qwen3-4B-Thinking-2507's generation_config.json.
 TINY_GENERATION_CONFIG = dict(
     bos_token_id=ENDOFTEXT_ID,
@@ -139,6 +144,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return name_or_path
     if name_or_path == TINY_MODEL_NAME:
         return str(builtin_model_dir())
+    if name_or_path == RANDOM_4B_NAME:
+        return str(builtin_model_dir(architecture="qwen3-4b"))
     if name_or_path == TOKENIZER_NAME:
         return str(builtin_tokenizer_dir())
     known = ", ".join(BUILTIN_NAMES)
@@ -151,11 +158,13 @@ def builtin_tokenizer_dir() -> Path:
     return _ensure_built(target, _tokenizer_stamp(), _write_tokenizer_files)
 
 
-def builtin_model_dir(seed: int = 0) -> Path:
-    """Return the directory of the tiny random Qwen3 model for ``seed``, building it on first use."""
+def builtin_model_dir(seed: int = 0, architecture: str = "tiny") -> Path:
+    """Return the directory of a random Qwen3 model for ``seed``, building it on first use:
+    ``architecture`` "tiny" (the demo's and tests') or "qwen3-4b" (Qwen3-4B's exact shape)."""
     seed = int(seed)
-    target = cache_root() / f"tiny-qwen3-s{seed}-v{MODEL_FORMAT}"
-    return _ensure_built(target, _model_stamp(seed), lambda out: _write_model_files(out, seed))
+    kind = "tiny-qwen3" if architecture == "tiny" else f"random-{architecture}"
+    target = cache_root() / f"{kind}-s{seed}-v{MODEL_FORMAT}"
+    return _ensure_built(target, _model_stamp(seed, kind), lambda out: _write_model_files(out, seed, architecture))
 
 
 # --------------------------------------------------------------------------- build and cache
@@ -171,10 +180,10 @@ def _tokenizer_stamp() -> dict:
     return {"kind": "qwen3-tokenizer", "format": TOKENIZER_FORMAT, "chat_template_sha256": _template_sha256()}
 
 
-def _model_stamp(seed: int) -> dict:
-    """What a valid cached tiny-model directory must record about its builder."""
+def _model_stamp(seed: int, kind: str = "tiny-qwen3") -> dict:
+    """What a valid cached model directory must record about its builder."""
     return {
-        "kind": "tiny-qwen3",
+        "kind": kind,
         "format": MODEL_FORMAT,
         "seed": seed,
         "tokenizer": _tokenizer_stamp(),
@@ -442,16 +451,26 @@ def _write_tokenizer_files(out: Path) -> None:
 # --------------------------------------------------------------------------- tiny model
 
 
-def build_tiny_model(seed: int = 0):
-    """Create the tiny random ``Qwen3ForCausalLM`` (bf16), deterministic in ``seed``."""
+def build_tiny_model(seed: int = 0, architecture: str = "tiny"):
+    """Create a random ``Qwen3ForCausalLM`` (bf16), deterministic in ``seed``."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(**TINY_CONFIG)
+    config = Qwen3Config(**(TINY_CONFIG if architecture == "tiny" else QWEN3_4B_CONFIG))
     # Weights are initialised on the CPU generator; seeding right before construction makes
-    # the same seed give bit-identical weights.
+    # the same seed give bit-identical weights. The 4B shape is built on the GPU when there is
+    # one (minutes on a CPU), directly in bf16.
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
+    if architecture == "tiny":
+        model = Qwen3ForCausalLM(config)
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                model = Qwen3ForCausalLM(config)
+            finally:
+                torch.set_default_dtype(torch.float32)
     model = model.to(torch.bfloat16)
     model.config.use_cache = True
     model.generation_config = GenerationConfig(**TINY_GENERATION_CONFIG)
@@ -459,9 +478,9 @@ def build_tiny_model(seed: int = 0):
     return model
 
 
-def _write_model_files(out: Path, seed: int) -> None:
-    """Write the tiny model (safetensors) and the builtin tokenizer files into ``out``."""
-    model = build_tiny_model(seed)
+def _write_model_files(out: Path, seed: int, architecture: str = "tiny") -> None:
+    """Write a random model (safetensors) and the builtin tokenizer files into ``out``."""
+    model = build_tiny_model(seed, architecture)
     # safetensors is the default in 4.x and the only format in 5.x (which dropped the
     # safe_serialization argument), so none is passed.
     model.save_pretrained(str(out))

@@ -228,8 +228,10 @@ def optimizer_step(r: Run, units: list[list[int]]) -> tuple[float, int]:
 
 def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     ds = r.splits["train"].select_columns(["input_ids", "prompt_len"])
-    collated = [collate(ds.select(b), packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
-                        flash_attention=r.cfg.model.attn_implementation == "flash_attention_2") for b in batches]
+    collated = [collate([[ds[i] for i in unit] for unit in micro_batch], packing=r.cfg.data.packing,
+                        pad_token_id=r.tokenizer.pad_token_id,
+                        flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
+                for micro_batch in batches]
     label_tokens = sum(c["num_label_tokens"] for c in collated)
     if r.world_size > 1:  # normalise by the whole step's label tokens on all ranks
         n = torch.tensor(label_tokens, device=r.device)
@@ -309,8 +311,9 @@ def evaluate(r: Run) -> float | None:
     loss_sum, label_tokens = 0.0, 0
     with torch.no_grad():
         for k in range(r.rank * r.state.micro_batch_size, len(units), r.state.micro_batch_size * r.world_size):
-            samples = [i for unit in units[k:k + r.state.micro_batch_size] for i in unit]
-            batch = collate(ds.select(samples), packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id)
+            batch = collate([[ds[i] for i in unit] for unit in units[k:k + r.state.micro_batch_size]],
+                            packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
+                            flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
             inputs = {key: batch[key].to(r.device) for key in MODEL_INPUTS if key in batch}
             dtype = compute_dtype(r.cfg, r.device)
             with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):

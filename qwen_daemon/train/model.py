@@ -79,6 +79,8 @@ def load_model(cfg: Config, device):
         kwargs["device_map"] = {"": device.index or 0}
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", **kwargs)
     model.config.use_cache = False  # training: a KV cache also hides packed sequences from the masks
+    if cfg.model.liger_kernels and device.type == "cuda":
+        apply_liger(model)
 
     # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight (the
     # 151936-row embedding included) to float32, which costs memory and speed for nothing here.
@@ -103,6 +105,22 @@ def load_model(cfg: Config, device):
     if device.type == "cuda":
         model.to(device)
     return model
+
+
+def apply_liger(model) -> None:
+    """liger-kernel's Triton kernels for this model instance (fused linear cross-entropy: the
+    151936-wide logits are never materialised; RMSNorm, RoPE, SwiGLU), where liger has them."""
+    try:
+        from liger_kernel.transformers import monkey_patch
+    except ImportError as e:
+        log.warning("liger-kernel is not available (%s); training without its fused kernels", e)
+        return
+    patch = getattr(monkey_patch, f"apply_liger_kernel_to_{model.config.model_type}", None)
+    if patch is None:
+        log.info("liger-kernel has no kernels for %s", model.config.model_type)
+        return
+    patch(model=model)
+    log.info("liger-kernel: fused linear cross-entropy, RMSNorm, RoPE and SwiGLU for %s", model.config.model_type)
 
 
 def bnb_config(cfg: Config, dtype):

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CATEGORIES",
     "DEFAULT_TERMS_PATH",
@@ -428,6 +430,11 @@ class TermDictionary:
         count x jieba's inverse document frequency, so that everyday words (可以, 因此) sink.
         Returns (word, count) pairs, best first.
         """
+        try:
+            _import_jieba()
+        except ImportError as e:  # a bare GPU box may lack it: the report just has no candidates
+            log.warning("jieba is not installed (%s): no candidate terms in the report", e)
+            return []
         counts: Counter[str] = Counter()
         for text in texts:
             counts.update(w for w in self.segment(text) if len(w) > 1 and _HAN.search(w)
