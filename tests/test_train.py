@@ -230,3 +230,12 @@ def test_pause_checkpoint_and_batch_size_apply_at_one_step_boundary(tmp_path, da
     applied = [d["command"] for kind, d in recorder.events if kind == "command_applied"]
     assert applied == ["pause", "checkpoint", "set_batch_size", "resume"]
     assert [d["command"] for kind, d in recorder.events if kind == "command_failed"] == ["set_batch_size"]
+
+
+def test_a_missing_local_model_is_a_clear_error(tmp_path, data_dir):
+    from qwen_daemon.train.model import ModelLoadError
+
+    cfg = make_cfg(tmp_path, data_dir, f"model.name_or_path={tmp_path / 'no-such-model'}",
+                   "model.tokenizer=builtin:qwen3-tokenizer")
+    with pytest.raises(ModelLoadError, match=r"no-such-model.*no such model directory"):
+        train(cfg, run_dir(cfg))

@@ -67,6 +67,8 @@ class Run:
     stopping: bool = False
     injected_oom: dict[int, int] = field(default_factory=dict)
     saved_step: int | None = None
+    # Loss scaling, active only for float16 compute (GPUs without bf16); a no-op otherwise.
+    scaler: Any = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
     @property
     def is_main(self) -> bool:
@@ -98,8 +100,10 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
             units = r.units(r.state.epoch)
         started = time.perf_counter()
         loss, tokens = optimizer_step(r, units)
+        r.scaler.unscale_(r.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable(r.model), t.max_grad_norm).item()
-        r.optimizer.step()
+        r.scaler.step(r.optimizer)  # skips the step if float16 gradients overflowed
+        r.scaler.update()
         r.scheduler.step()
         r.optimizer.zero_grad(set_to_none=True)
         r.state.step += 1
@@ -114,7 +118,8 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
         })
         if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
             evaluate(r)
-        if r.state.step % r.cfg.checkpoint.every_steps == 0:
+        # Also on a new best validation loss, so that the best checkpoint exists to be kept.
+        if r.state.step % r.cfg.checkpoint.every_steps == 0 or r.state.best_step == r.state.step:
             save(r)
     save(r)  # final (or on stop): always a checkpoint to resume from
     if r.stopping:
@@ -146,6 +151,7 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
     r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
             world_size, rank, injected_oom=parse_injected_oom(os.environ.get(INJECT_OOM_ENV, "")))
+    r.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(cfg, device) == torch.float16)
     r.total_steps = total_steps(r)
     r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
     if resume:
@@ -244,7 +250,7 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
         inputs = {k: batch[k].to(r.device) for k in MODEL_INPUTS if k in batch}
         with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
-        loss.backward()
+        r.scaler.scale(loss).backward()
         total += loss.detach()  # each micro-batch's share of the step's mean token loss
     return total.item(), sum(c["num_tokens"] for c in collated)
 

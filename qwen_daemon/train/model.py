@@ -104,6 +104,9 @@ def load_model(cfg: Config, device):
              str(dtype).removeprefix("torch."), trainable, total, 100 * trainable / total)
     if device.type == "cuda":
         model.to(device)
+    # from_pretrained returns eval mode, in which gradient checkpointing, LoRA dropout and liger's
+    # logit-free loss are all off.
+    model.train()
     return model
 
 

@@ -1,0 +1,41 @@
+"""On an NVIDIA GPU (`pytest -m gpu`, on the GPU machine): the engine's CUDA path for real."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.config import load_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_trains_on_the_gpu_with_liger_and_checkpointing(tmp_path):
+    from qwen_daemon.train.loop import train
+    from qwen_daemon.train.model import load_model
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"run.runs_root={tmp_path}", "run.name=gpu",
+                                                        "train.max_steps=6", "train.inference_check_tokens=16"])
+    model = load_model(cfg, torch.device("cuda", 0))
+    base = model.get_base_model()
+    assert model.training and base.is_gradient_checkpointing
+    assert "liger" in base.forward.__func__.__module__  # fused linear cross-entropy: no logits
+    del model, base
+    run = tmp_path / "gpu"
+    run.mkdir()
+    state = train(cfg, run)
+    assert state.step == 6 and (run / "final" / "adapter_model.safetensors").exists()
+    assert (run / "inference.jsonl").read_text(encoding="utf-8").strip()
+
+
+def test_injected_oom_recovers_on_the_gpu(tmp_path, monkeypatch):
+    from qwen_daemon.train import loop
+
+    monkeypatch.setenv(loop.INJECT_OOM_ENV, "2")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"run.runs_root={tmp_path}", "run.name=oom",
+                                                        "train.max_steps=3", "train.micro_batch_size=2",
+                                                        "train.grad_accum=2", "train.inference_check_tokens=0"])
+    (tmp_path / "oom").mkdir()
+    state = loop.train(cfg, tmp_path / "oom")
+    assert state.step == 3 and (state.micro_batch_size, state.grad_accum) == (1, 4)
