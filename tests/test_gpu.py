@@ -11,6 +11,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def undo_liger_patches():
+    """liger patches transformers' Qwen3 module globally (one model per training process is fine);
+    restore it so that later tests in this process build plain Qwen3 models."""
+    from transformers.models.qwen3 import modeling_qwen3 as m
+
+    saved = {name: getattr(m, name) for name in ("apply_rotary_pos_emb", "Qwen3RMSNorm", "Qwen3MLP")}
+    forward = m.Qwen3ForCausalLM.forward
+    yield
+    for name, value in saved.items():
+        setattr(m, name, value)
+    m.Qwen3ForCausalLM.forward = forward
+
+
 def test_demo_config_trains_on_the_gpu_with_liger_and_checkpointing(tmp_path):
     from qwen_daemon.train.loop import train
     from qwen_daemon.train.model import load_model
