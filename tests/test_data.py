@@ -266,4 +266,8 @@ def test_report_shows_distribution_per_split(tokenizer, tmp_path):
         assert s["records"] > 0 and sum(s["categories"].values()) == s["records"]
         assert s["label_tokens"] < s["tokens"]
     assert report.splits["train"]["top_terms"]
+    # Per-record statistics travel with the prepared samples.
+    prepared = prepare_data(cfg, tokenizer, cache_dir=tmp_path)
+    sm4 = [r for r in prepared.splits["train"] if "SM4" in r["prompt"][-1]["content"]]
+    assert sm4 and all(any(t["term"] == "SM4" and t["count"] >= 1 for t in r["terms"]) for r in sm4)
     assert "validation:" in report.format_text()

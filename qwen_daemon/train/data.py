@@ -35,7 +35,7 @@ from qwen_daemon.train.text_zh import dedup_key, load_terms, normalize_text
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 4  # bump when prepared samples change for the same inputs
+PIPELINE_VERSION = 5  # bump when prepared samples change for the same inputs
 SPLITS = ("train", "validation", "test")
 UNCATEGORISED = "uncategorised"
 
@@ -182,7 +182,7 @@ def _normalise_chunk(conversations: list[Conversation], terms_path: str, to_simp
             "question_key": dedup_key(question),
             "record_key": dedup_key("\x00".join((question, reasoning or "", answer))),
             "category": terms.dominant_category_of(counts) or UNCATEGORISED,
-            "terms": dict(counts),
+            "terms": [{"term": t, "count": n} for t, n in sorted(counts.items())],
         })
     return rows
 
@@ -318,6 +318,7 @@ def _features():
         "prompt": [turn],
         "reasoning": datasets.Value("string"),
         "answer": datasets.Value("string"),
+        "terms": [{"term": datasets.Value("string"), "count": datasets.Value("int32")}],  # per-record statistics
     })
 
 
@@ -340,7 +341,7 @@ def _split_stats(rows: list[dict]) -> dict[str, Any]:
     categories = Counter(r["category"] for r in rows)
     terms = Counter()
     for r in rows:
-        terms.update(r["terms"])
+        terms.update({t["term"]: t["count"] for t in r["terms"]})
     return {
         "records": len(rows),
         "tokens": sum(len(r["input_ids"]) for r in rows),
