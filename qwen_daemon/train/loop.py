@@ -87,7 +87,14 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
     `sinks` are extra metrics/event sinks (the daemon's publisher, a test's recorder).
     """
     r = setup(cfg, run_dir, controls or Controls(), resume, sinks)
-    t = cfg.train
+    try:
+        return _train(r, resume)
+    finally:
+        r.sinks.close()  # flush metrics and events, also when training fails
+
+
+def _train(r: Run, resume: bool) -> TrainState:
+    t = r.cfg.train
     units = r.units(r.state.epoch)
     r.sinks.event("train_start", step=r.state.step, total_steps=r.total_steps, resumed=resume,
                   micro_batch_size=r.state.micro_batch_size, grad_accum=r.state.grad_accum)
@@ -126,7 +133,6 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
         r.sinks.event("stopped", step=r.state.step)
     else:
         finish(r)
-    r.sinks.close()
     return r.state
 
 
