@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _nvml() -> Any:
             module = pynvml
         except ImportError as e:
             why = f"pynvml is not importable ({e})"
-        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        except (pynvml.NVMLError, OSError) as e:  # LibraryNotFound, DriverNotLoaded, ...
             why = f"NVML failed to initialise: {type(e).__name__}: {e}"
         if why is not None:
             log.info("no GPU telemetry: %s", why)
