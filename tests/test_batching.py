@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from qwen_daemon.train.batching import collate, epoch_units, micro_batches, pack, step_plan
+from qwen_daemon.train.batching import collate, epoch_units, pack, step_plan
 from qwen_daemon.train.data import labels_of
 
 
@@ -100,13 +100,17 @@ def test_resume_and_batch_size_change_neither_skip_nor_repeat(packing):
     lengths = [len(s["input_ids"]) for s in fake_samples(300)]
     units = epoch_units(lengths, epoch=2, seed=9, max_seq_len=512, packing=packing)
     seen, position = [], 0
-    for step, (position, batch) in enumerate(micro_batches(units, 4)):
-        seen += batch
-        if step == 5:
-            break
-    # "Resume" from the recorded position with another micro-batch size.
-    for position, batch in micro_batches(units, 7, start_sample=position):
-        seen += batch
+
+    def step(micro_batch_size, grad_accum):
+        nonlocal position
+        batches, position = step_plan(units, position, micro_batch_size, grad_accum)
+        seen.extend(i for micro_batch in batches for unit in micro_batch for i in unit)
+
+    for _ in range(6):
+        step(4, 2)
+    # "Resume" from the recorded position with another micro-batch size and accumulation.
+    while position < 300:
+        step(7, 1)
     assert sorted(seen) == list(range(300))
     assert position == 300
 
@@ -121,7 +125,7 @@ def test_epoch_order_is_seeded():
 def test_a_position_inside_a_unit_is_refused():
     units = [[0, 1], [2], [3, 4]]
     with pytest.raises(ValueError, match="not a unit boundary"):
-        next(micro_batches(units, 1, start_sample=1))
+        step_plan(units, 1, 1, 1)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -3,7 +3,7 @@
 An epoch is an ordered list of *units*. With packing, a unit is a packed sequence: samples whose
 lengths add up to at most `data.max_seq_len`, grouped once by best-fit decreasing (so about every
 slot holds a real token) and shuffled per epoch. Without packing, a unit is one sample. A
-micro-batch is the next `micro_batch_size` units.
+micro-batch is the next `micro_batch_size` units (`step_plan`).
 
 The data position is the number of samples consumed in the epoch. Units never change when the
 micro-batch size does, so a resume or a batch-size change continues at a unit boundary and no
@@ -81,25 +81,11 @@ def unit_at(units: list[list[int]], start_sample: int) -> int:
     return u
 
 
-def micro_batches(units: list[list[int]], micro_batch_size: int, start_sample: int = 0):
-    """Yield (samples consumed after this micro-batch, sample indices) from `start_sample` on.
-
-    `start_sample` must fall on a unit boundary, which it always does when it was produced by
-    this function or by `step_plan` (whatever micro-batch size was used before).
-    """
-    consumed = start_sample
-    for k in range(unit_at(units, start_sample), len(units), micro_batch_size):
-        batch = [i for unit in units[k:k + micro_batch_size] for i in unit]
-        consumed += len(batch)
-        yield consumed, batch
-
-
 def step_plan(units: list[list[int]], start_sample: int, micro_batch_size: int, grad_accum: int,
               world_size: int = 1, rank: int = 0) -> tuple[list[list[list[int]]], int]:
     """One optimizer step: this rank's micro-batches (each a list of units of sample indices) and
-    the data position after
-    the step, counted over all ranks. Each micro-batch of the step spans `micro_batch_size` units
-    per rank; a step at the end of the epoch may be shorter."""
+    the data position after the step, counted over all ranks. Each micro-batch spans
+    `micro_batch_size` units per rank; a step at the end of the epoch may be shorter."""
     u = unit_at(units, start_sample)
     per_micro = micro_batch_size * world_size
     step_units = units[u:u + per_micro * grad_accum]
