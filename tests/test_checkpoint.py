@@ -4,6 +4,7 @@ import copy
 import json
 import logging
 import os
+import select
 import random
 import re
 import signal
@@ -179,13 +180,13 @@ def test_writer_killed_midway(tmp_path, caplog):
     """A real child process SIGKILLed in the middle of a save (after adapter and optimizer were written)."""
     model, optimizer, scheduler = _trainer()
     good = save_checkpoint(tmp_path, TrainState(step=1), model, optimizer, scheduler, keep_last=3)
-    stalled = tmp_path / "stalled"
+    reached, signal_reached = os.pipe()
 
     class StallingScheduler:
         """Stands in for the scheduler so the child is reliably killed mid-save, not before or after."""
 
         def state_dict(self):
-            stalled.touch()
+            os.write(signal_reached, b"!")  # tell the parent, then wait to be killed
             time.sleep(120)
             return {}
 
@@ -198,10 +199,8 @@ def test_writer_killed_midway(tmp_path, caplog):
         finally:
             os._exit(1)
     try:
-        deadline = time.monotonic() + 60
-        while not stalled.exists():
-            assert time.monotonic() < deadline, "the child never reached the scheduler"
-            time.sleep(0.01)
+        ready, _, _ = select.select([reached], [], [], 60)
+        assert ready and os.read(reached, 1) == b"!", "the child never reached the scheduler"
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
