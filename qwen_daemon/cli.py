@@ -1,6 +1,9 @@
-"""`qwen-daemon`: start a run, check data.
+"""`qwen-daemon`: start and steer runs, check data.
 
-    qwen-daemon start --config configs/demo.yaml [--set section.key=value ...]
+    qwen-daemon start --config configs/demo.yaml [--set section.key=value ...] [--foreground]
+    qwen-daemon start --resume RUN
+    qwen-daemon ctl status|pause|resume|checkpoint|set-batch-size N|stop [--run RUN] [--json]
+    qwen-daemon list | stop [RUN] | logs [RUN] [-f]
     qwen-daemon data check PATH... [--config FILE] [--set ...] [--json] [--strict]
 
 Also runs as `python -m qwen_daemon ...` (the GPU machine has no uv).
@@ -11,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,12 +49,37 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-daemon", description="QLoRA fine-tuning of Qwen3 reasoning models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    start = sub.add_parser("start", help="start a run (in the foreground in this build)")
+    start = sub.add_parser("start", help="start a run in a background daemon")
     start.add_argument("--config", help="YAML config, e.g. configs/demo.yaml")
     start.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    start.add_argument("--foreground", action="store_true", help="run in this terminal (the only mode so far)")
-    start.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<name> from its newest valid checkpoint")
+    start.add_argument("--foreground", action="store_true", help="stay in this terminal (systemd, debugging)")
+    start.add_argument("--resume", metavar="RUN", help="continue runs/<name> from its newest valid checkpoint")
     start.set_defaults(func=cmd_start)
+
+    ctl = sub.add_parser("ctl", help="send a command to a run's daemon")
+    ctl.add_argument("command_name", choices=["status", "ping", "snapshot", "pause", "resume", "checkpoint",
+                                              "set-batch-size", "stop"])
+    ctl.add_argument("value", nargs="?", type=int, help="set-batch-size: the new micro-batch size")
+    ctl.add_argument("--change-global-batch", action="store_true",
+                     help="set-batch-size: keep accumulation (the global batch changes) instead")
+    ctl.add_argument("--run", help="runs/<name> or its path; default: the newest live run")
+    ctl.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    ctl.add_argument("--timeout", type=float, default=600, help="seconds to wait for the reply")
+    ctl.set_defaults(func=cmd_ctl)
+
+    stop = sub.add_parser("stop", help="stop a run at the next step, with a checkpoint")
+    stop.add_argument("run", nargs="?")
+    stop.add_argument("--timeout", type=float, default=600)
+    stop.set_defaults(func=cmd_stop)
+
+    lst = sub.add_parser("list", help="runs, their state, step and daemon pid")
+    lst.add_argument("--runs-root", default="runs")
+    lst.set_defaults(func=cmd_list)
+
+    logs = sub.add_parser("logs", help="a run's log")
+    logs.add_argument("run", nargs="?")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing while the daemon runs")
+    logs.set_defaults(func=cmd_logs)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="check data files and report every problem")
@@ -80,19 +109,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from qwen_daemon.train.controls import Controls
-    from qwen_daemon.train.loop import TrainingError, train
-    from qwen_daemon.train.model import ModelLoadError
-    from qwen_daemon.train.text_zh import TermDictionaryError
+    from qwen_daemon.supervisor import Supervisor, live_daemon
 
     if args.resume:
-        run = Path(args.resume)
-        if not (run / runs.CONFIG).exists():
-            raise DataError(f"{run} is not a run directory (no {runs.CONFIG}); give the path of runs/<name>")
-        cfg = load_config(run / runs.CONFIG, args.set)
+        run = _find_run(args.resume, live=False)
+        if live_daemon(run):
+            raise DataError(f"{run} is running; nothing to resume")
     else:
         if not args.config:
-            raise ConfigError("start needs --config FILE (or --resume RUN_DIR)")
+            raise ConfigError("start needs --config FILE (or --resume RUN)")
         cfg = load_config(args.config, args.set)
         if cfg.run.name is None:
             cfg.run.name = runs.default_run_name(args.config)
@@ -101,31 +126,151 @@ def cmd_start(args: argparse.Namespace) -> int:
             raise DataError(f"run directory {run} already exists; choose another run.name (--set run.name=...) "
                             f"or continue it with --resume {run}")
         run.mkdir(parents=True)
+        # Paths frozen absolute: the daemon may run from anywhere, a resume from another directory.
+        cfg.data.paths = [str(Path(p).resolve()) for p in cfg.data.paths]
+        cfg.data.terms = str(Path(cfg.data.terms).resolve())
         (run / runs.CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
-    _setup_logging(log_file=run / runs.DAEMON_LOG)
-    print(f"run:      {cfg.run.name}\nrun dir:  {run}\n(in the foreground: Ctrl-C stops at the next step "
-          "with a checkpoint; --resume continues it)", flush=True)
-
-    controls = Controls()
-    # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit (a second Ctrl-C kills).
-    def stop(signum, frame):
-        log.warning("signal %d: stopping at the next step boundary with a checkpoint", signum)
-        controls.stop()
-        signal.signal(signum, signal.SIG_DFL)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop)
-    try:
-        state = train(cfg, run, controls, resume=bool(args.resume))
-    except (TrainingError, ModelLoadError, TermDictionaryError) as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if (run / "final").exists():
-        print(f"finished at step {state.step}: adapter in {run / 'final'}, answers in {run / 'inference.jsonl'}")
-    else:
-        print(f"stopped at step {state.step}; continue with: qwen-daemon start --resume {run}")
+    if args.foreground:
+        _setup_logging(log_file=run / runs.DAEMON_LOG)
+        print(f"run {run.name} in {run} (foreground; Ctrl-C stops at the next step with a checkpoint)", flush=True)
+        return Supervisor(run, resume=bool(args.resume), foreground=True).run()
+    cmd = [sys.executable, "-m", "qwen_daemon.supervisor", str(run)] + (["--resume"] if args.resume else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env, text=True)  # survives the SSH session
+    ready = proc.stdout.readline().split()
+    if not ready or ready[0] != "ready":
+        raise DataError(f"the daemon did not start; see {run / runs.DAEMON_LOG}")
+    print(f"run:        {run.name}\nrun dir:    {run}\ndaemon pid: {proc.pid}\n"
+          f"control:    {ready[1]}\ntelemetry:  {ready[2]}\n"
+          f"follow it:  qwen-daemon logs {run} -f      steer it: qwen-daemon ctl status --run {run}\n"
+          f"attach:     qwen-tui attach {run.name}")
     return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    cmd = args.command_name.replace("-", "_")
+    call_args = {}
+    if cmd == "set_batch_size":
+        if args.value is None:
+            raise ConfigError("set-batch-size needs the new micro-batch size, e.g. qwen-daemon ctl set-batch-size 2")
+        call_args = {"micro_batch_size": args.value}
+        if args.change_global_batch:
+            call_args["keep_global_batch"] = False
+    run = _find_run(args.run, live=True)
+    reply = _call(run, cmd, call_args, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(reply, ensure_ascii=False, indent=2))
+    elif reply["ok"]:
+        for key, value in (reply.get("result") or {}).items():
+            if cmd != "snapshot" or not isinstance(value, list):
+                print(f"{key}: {value}")
+    else:
+        print(f"error ({reply['error']['code']}): {reply['error']['message']}", file=sys.stderr)
+    return 0 if reply["ok"] else 1
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    run = _find_run(args.run, live=True)
+    reply = _call(run, "stop", {}, timeout=args.timeout)
+    print(f"{run.name}: stopping at step {reply['result']['step']}" if reply["ok"] else reply["error"]["message"])
+    return 0 if reply["ok"] else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from qwen_daemon.supervisor import live_daemon
+
+    root = Path(args.runs_root)
+    rows = []
+    for run in sorted(root.glob("*/" + runs.CONFIG)):
+        run = run.parent
+        info = _read_json(run / "daemon.json")
+        live = live_daemon(run)
+        step = _last_step(run)
+        rows.append((run.name, (info or {}).get("state", "-") if live or info else "-", step,
+                     live["pid"] if live else "-"))
+    if not rows:
+        print(f"no runs in {root}")
+    for name, state, step, pid in rows:
+        print(f"{name:40} {state:10} step {step:>7} pid {pid}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
+    from qwen_daemon.supervisor import live_daemon
+
+    run = _find_run(args.run, live=False)
+    path = run / runs.DAEMON_LOG
+    with open(path, encoding="utf-8", errors="replace") as f:
+        sys.stdout.write(f.read())
+        while args.follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            elif live_daemon(run) is None:
+                return 0
+            else:
+                time.sleep(0.3)  # tail -f: nothing to wait on but the file
+    return 0
+
+
+def _call(run: Path, cmd: str, args: dict, timeout: float) -> dict:
+    import zmq
+
+    from shared import protocol
+
+    info = _read_json(run / "daemon.json")
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.connect(info["endpoints"]["control"])
+        sock.send(protocol.encode_request(os.urandom(8).hex(), cmd, args))
+        if not sock.poll(timeout * 1000):
+            raise DataError(f"no answer from the daemon of {run} within {timeout:g} s (it applies commands at "
+                            "the next step boundary; try a larger --timeout)")
+        return protocol.decode_reply(sock.recv())
+    finally:
+        context.destroy(linger=0)
+
+
+def _find_run(name: str | None, live: bool) -> Path:
+    """A run by directory or name; with no name, the newest run with a live daemon."""
+    from qwen_daemon.supervisor import live_daemon
+
+    if name:
+        path = Path(name)
+        for candidate in (path, Path("runs") / name):
+            if (candidate / runs.CONFIG).exists():
+                if live and live_daemon(candidate) is None:
+                    raise DataError(f"{candidate} has no running daemon (see qwen-daemon list)")
+                return candidate
+        raise DataError(f"no run {name!r} (give runs/<name> or its path; see qwen-daemon list)")
+    candidates = [(info["started_at"], run.parent) for run in Path("runs").glob("*/daemon.json")
+                  if (info := live_daemon(run.parent))]
+    if not candidates:
+        raise DataError("no live run in ./runs; name one with --run (see qwen-daemon list)")
+    return max(candidates)[1]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _last_step(run: Path) -> int:
+    try:
+        with open(run / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+        return max((json.loads(line).get("step", 0) for line in lines[1:] or lines if line.startswith("{")), default=0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _prepare(cfg: Config):

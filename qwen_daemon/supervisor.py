@@ -1,0 +1,328 @@
+"""The supervisor: owns one run, its sockets, its state and its worker; never runs the model.
+
+    python -m qwen_daemon.supervisor RUN_DIR [--resume]
+
+One thread, one poll loop (the ZeroMQ guide's style): client requests on the ROUTER socket,
+worker telemetry on a PULL socket, worker replies on a PAIR socket, and a tick every second for
+the `gpu` and `heartbeat` topics. Everything published goes through `publish`, which also keeps
+the history that `snapshot` returns, so a snapshot is exactly the messages up to its seq.
+
+A worker that dies (killed, segfault) is restarted from the newest valid checkpoint up to
+MAX_RESTARTS times, each restart an event; then the run is `failed`. A worker that exits with
+EXIT_FAILED has reported why (bad data, an OOM at micro-batch 1) and is not restarted.
+SIGTERM/SIGINT: the worker is told to stop at the next step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from shared import protocol, runs
+from shared.config import load_config
+from qwen_daemon import gpu, worker
+
+log = logging.getLogger("qwen_daemon.supervisor")
+
+MAX_RESTARTS = 2
+DAEMON_JSON = "daemon.json"
+KEEP_LOGS = 500
+KEEP_EVENTS = 500
+
+
+def socket_dir(run_dir: Path) -> Path:
+    """A private (0700) directory for the run's IPC sockets, with a short path (IPC paths are
+    limited to ~100 bytes)."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"qwen-daemon-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    if base.stat().st_uid != os.getuid() or base.stat().st_mode & 0o077:
+        raise RuntimeError(f"{base} is not a private directory of this user; remove it and start again")
+    path = base / hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def live_daemon(run_dir: Path) -> dict | None:
+    """daemon.json of the run if its daemon process is alive; a stale file (dead pid) is None."""
+    try:
+        info = json.loads((run_dir / DAEMON_JSON).read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+        cmdline = Path(f"/proc/{info['pid']}/cmdline")
+        if cmdline.exists() and b"qwen_daemon" not in cmdline.read_bytes():
+            return None  # the pid was reused by another program
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if info.get("state") not in protocol.FINAL_STATES else None
+
+
+class Supervisor:
+    def __init__(self, run_dir: Path, resume: bool = False, foreground: bool = False) -> None:
+        self.run_dir = run_dir
+        self.foreground = foreground  # echo the worker's log lines to this terminal
+        self.cfg = load_config(run_dir / runs.CONFIG)
+        self.resume = resume
+        sockets = socket_dir(run_dir)
+        self.endpoints = {name: f"ipc://{sockets / name}" for name in
+                          ("control", "telemetry", "worker-telemetry", "worker-control")}
+        self.context = zmq.Context()
+        self.state = "starting"
+        self.seq = 0
+        self.step = 0
+        self.metrics: list[dict] = []
+        self.logs: collections.deque = collections.deque(maxlen=KEEP_LOGS)
+        self.events: collections.deque = collections.deque(maxlen=KEEP_EVENTS)
+        self.replies = protocol.ReplyCache()
+        self.forwarded: dict[int, tuple[list, Any, str]] = {}  # internal id -> (route, request id, cmd)
+        self.next_id = 0
+        self.restarts = 0
+        self.stopping = False
+        self.worker: subprocess.Popen | None = None
+        self.started_at = time.time()
+        self.sampler = gpu.Sampler()
+
+    # --- sockets and files ---------------------------------------------------------------------
+
+    def bind(self) -> None:
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 10_000)  # a stalled subscriber loses messages, never blocks us
+        self.pub.bind(self.endpoints["telemetry"])
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.bind(self.endpoints["control"])
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.bind(self.endpoints["worker-telemetry"])
+        self.pair = self.context.socket(zmq.PAIR)
+        self.pair.bind(self.endpoints["worker-control"])
+
+    def write_daemon_json(self) -> None:
+        info = {"pid": os.getpid(), "state": self.state, "protocol": protocol.VERSION, "started_at": self.started_at,
+                "run": self.cfg.run.name, "endpoints": {"control": self.endpoints["control"],
+                                                        "telemetry": self.endpoints["telemetry"]}}
+        tmp = self.run_dir / f".{DAEMON_JSON}.tmp"
+        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        os.replace(tmp, self.run_dir / DAEMON_JSON)
+
+    # --- publishing and state --------------------------------------------------------------------
+
+    def publish(self, topic: str, body: dict[str, Any]) -> None:
+        self.seq += 1
+        if topic == "metrics":
+            self.metrics.append(body)
+            self.step = body.get("step", self.step)
+        elif topic == "log":
+            self.logs.append(body)
+        elif topic == "event":
+            self.events.append(body)
+        try:
+            self.pub.send_multipart(protocol.encode_message(self.seq, self.cfg.run.name or "", topic, body),
+                                    flags=zmq.NOBLOCK)
+        except (zmq.Again, protocol.ProtocolError) as e:
+            log.debug("not published (%s): %s", topic, e)
+
+    def set_state(self, state: str, reason: str = "") -> None:
+        if state == self.state:
+            return
+        previous, self.state = self.state, state
+        log.info("state %s -> %s %s", previous, state, reason)
+        self.publish("state", {"state": state, "previous": previous, "reason": reason})
+        self.events.append({"kind": "state", "state": state, "previous": previous, "reason": reason,
+                            "ts": time.time()})
+        self.write_daemon_json()
+
+    # --- the worker --------------------------------------------------------------------------------
+
+    def spawn(self, resume: bool) -> None:
+        env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
+               worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "qwen_daemon.worker", str(self.run_dir)] + (["--resume"] if resume else [])
+        self.worker = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=open(self.run_dir / runs.DAEMON_LOG, "ab"), stderr=subprocess.STDOUT)
+        self.set_state("loading", f"worker pid {self.worker.pid}")
+
+    def on_worker_exit(self, code: int) -> bool:
+        """Decide what a worker's exit means; False = the supervisor is done."""
+        for route, id, cmd in self.forwarded.values():  # they will never be applied: say so
+            error = {"code": "command_failed", "message": f"the worker exited (code {code}) before applying {cmd}"}
+            encoded = protocol.encode_reply(id, error=error)
+            self.replies.put(route[0] if route else b"", id, encoded)
+            self.router.send_multipart(route + [encoded])
+        self.forwarded.clear()
+        if code == worker.EXIT_FINISHED:
+            self.set_state("finished")
+            return False
+        if code == worker.EXIT_STOPPED or self.stopping:
+            self.set_state("stopped")
+            return False
+        from qwen_daemon.train.checkpoint import latest_valid_checkpoint
+
+        # EXIT_FAILED: the worker said why (bad data, OOM at micro-batch 1, ...); a restart would
+        # fail the same way. Anything else (killed, segfault) is worth a restart.
+        if code != worker.EXIT_FAILED and self.restarts < MAX_RESTARTS:
+            self.restarts += 1
+            checkpoint = latest_valid_checkpoint(self.run_dir)
+            self.publish("event", {"kind": "worker_restarted", "exit_code": code, "restart": self.restarts,
+                                   "checkpoint": str(checkpoint) if checkpoint else None, "ts": time.time()})
+            self.spawn(resume=checkpoint is not None)
+            return True
+        errors = [e["message"] for e in self.events if e.get("kind") == "error"]
+        self.set_state("failed", errors[-1] if errors else f"worker exited with code {code} "
+                                                          f"after {self.restarts} restart(s)")
+        return False
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def handle_request(self, frames: list[bytes]) -> None:
+        try:
+            route, frame = protocol.split_route(frames)
+        except protocol.ProtocolError as e:
+            log.warning("dropped a malformed control message: %s", e)
+            return
+        identity = route[0] if route else b""
+        try:
+            request = protocol.decode_request(frame)
+        except protocol.ProtocolError as e:
+            log.warning("bad request: %s", e)
+            self.router.send_multipart(route + [protocol.encode_reply(e.id, error=e)])
+            return
+        id, cmd = request["id"], request["cmd"]
+        if cmd in protocol.READ_ONLY_COMMANDS:
+            self.router.send_multipart(route + [protocol.encode_reply(id, result=self.read_only(cmd))])
+            return
+        cached = self.replies.get(identity, id)
+        if cached is not None:
+            self.router.send_multipart(route + [cached])
+            return
+        if self.replies.pending(identity, id):
+            return  # the original's reply is coming
+        if self.state in protocol.FINAL_STATES:
+            error = {"code": "bad_state", "message": f"the run is {self.state}; nothing to {cmd}"}
+            self.router.send_multipart(route + [protocol.encode_reply(id, error=error)])
+            return
+        self.replies.begin(identity, id)
+        self.next_id += 1
+        self.forwarded[self.next_id] = (route, id, cmd)
+        if cmd == "stop":
+            self.stopping = True
+        self.pair.send(msgpack.packb({"id": self.next_id, "cmd": cmd, "args": request.get("args") or {}}))
+
+    def read_only(self, cmd: str) -> dict[str, Any]:
+        if cmd == "ping":
+            return {"pong": True, "pid": os.getpid()}
+        last = self.metrics[-1] if self.metrics else {}
+        status = {"run": self.cfg.run.name, "state": self.state, "step": self.step,
+                  "total_steps": last.get("total_steps"), "epoch": last.get("epoch"),
+                  "micro_batch_size": last.get("micro_batch_size", self.cfg.train.micro_batch_size),
+                  "grad_accum": last.get("grad_accum", self.cfg.train.grad_accum),
+                  "pid": os.getpid(), "started_at": self.started_at, "seq": self.seq}
+        if cmd == "status":
+            return status
+        return {"seq": self.seq, "state": self.state, "run": self.cfg.run.name, "status": status,
+                "config": {"model": self.cfg.model.name_or_path, "max_seq_len": self.cfg.data.max_seq_len,
+                           "lora_r": self.cfg.lora.r, "learning_rate": self.cfg.train.learning_rate},
+                "metrics": protocol.downsample(self.metrics), "logs": list(self.logs),
+                "events": list(self.events)}
+
+    def handle_worker_reply(self, frame: bytes) -> None:
+        reply = msgpack.unpackb(frame, raw=False)
+        route, id, cmd = self.forwarded.pop(reply["id"], (None, None, None))
+        if route is None:
+            return
+        if reply["ok"]:
+            encoded = protocol.encode_reply(id, result=reply["result"])
+            if cmd in ("pause", "resume"):
+                self.set_state("paused" if cmd == "pause" else "training", f"{cmd} at step {reply['result']['step']}")
+        else:
+            encoded = protocol.encode_reply(id, error={"code": "command_failed", "message": reply["error"]})
+        self.replies.put(route[0] if route else b"", id, encoded)
+        self.router.send_multipart(route + [encoded])
+
+    def handle_telemetry(self, frame: bytes) -> None:
+        message = msgpack.unpackb(frame, raw=False)
+        body = message["body"]
+        if message["topic"] == "event" and body.get("kind") == "train_start" and self.state == "loading":
+            self.set_state("training")
+        if self.foreground and message["topic"] == "log":
+            print(f"{body.get('level', '')} {body.get('logger', '')}: {body.get('message', '')}", file=sys.stderr)
+        self.publish(message["topic"], body)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        other = live_daemon(self.run_dir)
+        if other is not None:
+            raise RuntimeError(f"{self.run_dir} already has a daemon (pid {other['pid']}, {other['state']}); "
+                               f"stop it first: qwen-daemon stop {self.run_dir}")
+        self.bind()
+        self.write_daemon_json()
+        stop_requested = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _: stop_requested.append(signum))
+        self.spawn(self.resume)
+        print(f"ready {self.endpoints['control']} {self.endpoints['telemetry']}", flush=True)
+        if not self.foreground:
+            # Whoever started us has read the line and may go away: nothing more goes to stdout.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        poller = zmq.Poller()
+        for sock in (self.router, self.pull, self.pair):
+            poller.register(sock, zmq.POLLIN)
+        next_tick = time.monotonic()
+        while True:
+            if stop_requested and not self.stopping:
+                self.stopping = True
+                log.warning("signal %d: stopping the run at the next step boundary", stop_requested[0])
+                self.worker.send_signal(signal.SIGTERM)
+            timeout = max(0.0, next_tick - time.monotonic())
+            for sock, _ in poller.poll(timeout * 1000):
+                if sock is self.router:
+                    self.handle_request(self.router.recv_multipart())
+                elif sock is self.pull:
+                    self.handle_telemetry(self.pull.recv())
+                else:
+                    self.handle_worker_reply(self.pair.recv())
+            if time.monotonic() >= next_tick:
+                next_tick += protocol.HEARTBEAT_INTERVAL
+                self.publish("gpu", self.sampler.sample())
+                self.publish("heartbeat", {"state": self.state, "step": self.step, "pid": os.getpid()})
+            code = self.worker.poll()
+            if code is not None:
+                while self.pull.poll(0):  # what the worker sent before it exited
+                    self.handle_telemetry(self.pull.recv())
+                if not self.on_worker_exit(code):
+                    break
+        self.publish("heartbeat", {"state": self.state, "step": self.step, "pid": os.getpid()})
+        for sock in (self.pub, self.router, self.pull, self.pair):
+            sock.close(linger=500)
+        self.context.term()
+        return 0 if self.state != "failed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qwen_daemon.supervisor")
+    p.add_argument("run_dir")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.FileHandler(run / runs.DAEMON_LOG, encoding="utf-8")], force=True)
+    return Supervisor(run, args.resume).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

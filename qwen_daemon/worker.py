@@ -1,0 +1,169 @@
+"""A trainer worker: `train()` in a process of its own, wired to its supervisor over ZeroMQ IPC.
+
+    python -m qwen_daemon.worker RUN_DIR [--resume]      (started by the supervisor, not by hand)
+
+Telemetry (metrics, events, log records) goes to the supervisor's PULL socket through one sender
+thread fed by a bounded queue: training never waits for the supervisor, and when the queue is
+full messages are dropped (counted). Commands arrive on a PAIR socket, owned by a command thread
+that turns each into a `Controls` call and sends the reply when the loop has applied it.
+
+Exit codes: 0 finished, 10 stopped (by a command or a signal), 1 training failed (the reason is
+the last `error` event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from shared import runs
+from shared.config import load_config
+
+EXIT_FINISHED, EXIT_STOPPED, EXIT_FAILED = 0, 10, 1
+TELEMETRY_ENV = "QWEN_DAEMON_WORKER_TELEMETRY"  # supervisor's PULL endpoint
+CONTROL_ENV = "QWEN_DAEMON_WORKER_CONTROL"  # supervisor's PAIR endpoint
+QUEUE_SIZE = 10_000
+
+log = logging.getLogger("qwen_daemon.worker")
+
+
+class Telemetry:
+    """Queue -> PUSH socket, in a thread of its own; `send` never blocks."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
+        self.dropped = 0
+        self._socket = context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 2000)  # flush the last messages on exit
+        self._socket.connect(endpoint)
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def send(self, topic: str, body: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait((topic, body))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            topic, body = item
+            self._socket.send(msgpack.packb({"topic": topic, "body": body}, use_bin_type=True, default=str))
+        self._socket.close()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(5)
+
+
+class TelemetrySink:
+    """The training loop's sink that forwards to the supervisor."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self.telemetry.send("metrics", record)
+
+    def event(self, kind: str, **data: Any) -> None:
+        self.telemetry.send("event", {"kind": kind, **data})
+
+    def close(self) -> None:
+        pass
+
+
+class TelemetryLogHandler(logging.Handler):
+    """Log records to the `log` topic."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        super().__init__(logging.INFO)
+        self.telemetry = telemetry
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.telemetry.send("log", {"level": record.levelname, "logger": record.name,
+                                        "message": record.getMessage()[:4000], "rank": 0, "ts": record.created})
+        except Exception:  # noqa: BLE001 - logging must never raise into the loop
+            self.handleError(record)
+
+
+def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event) -> None:
+    """Command thread: requests from the supervisor -> Controls; replies once applied."""
+    sock = context.socket(zmq.PAIR)
+    sock.connect(endpoint)
+    replies: queue.Queue = queue.Queue()
+    calls = {"pause": lambda a: controls.pause(a.get("release_memory", False)),
+             "resume": lambda a: controls.resume(), "checkpoint": lambda a: controls.checkpoint(),
+             "stop": lambda a: controls.stop(),
+             "set_batch_size": lambda a: controls.set_micro_batch_size(a["micro_batch_size"],
+                                                                        a.get("keep_global_batch", True))}
+    while not stop.is_set():
+        if sock.poll(100):
+            request = msgpack.unpackb(sock.recv(), raw=False)
+            future = calls[request["cmd"]](request.get("args") or {})
+            future.add_done_callback(lambda f, id=request["id"]: replies.put((id, f)))
+        while not replies.empty():
+            id, future = replies.get()
+            error = future.exception()
+            reply = {"id": id, "ok": error is None}
+            reply.update({"error": str(error)} if error else {"result": future.result()})
+            sock.send(msgpack.packb(reply, use_bin_type=True, default=str))
+    sock.close(linger=1000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qwen_daemon.train.controls import Controls
+    from qwen_daemon.train.loop import TrainingError, train
+    from qwen_daemon.train.model import ModelLoadError
+    from qwen_daemon.train.text_zh import TermDictionaryError
+
+    p = argparse.ArgumentParser(prog="qwen_daemon.worker")
+    p.add_argument("run_dir")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    run = Path(args.run_dir)
+    cfg = load_config(run / runs.CONFIG)
+
+    context = zmq.Context()
+    telemetry = Telemetry(context, os.environ[TELEMETRY_ENV])
+    handlers = [logging.FileHandler(run / runs.DAEMON_LOG, encoding="utf-8"), TelemetryLogHandler(telemetry)]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+    controls = Controls()
+    # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit (the supervisor forwards them).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: controls.stop())
+    stop = threading.Event()
+    commands = threading.Thread(target=serve_commands, args=(context, os.environ[CONTROL_ENV], controls, stop),
+                                name="commands", daemon=True)
+    commands.start()
+    code = EXIT_FAILED
+    try:
+        train(cfg, run, controls, resume=args.resume, sinks=(TelemetrySink(telemetry),))
+        code = EXIT_FINISHED if (run / "final").exists() else EXIT_STOPPED
+    except (TrainingError, ModelLoadError, TermDictionaryError) as e:
+        log.error("%s", e)
+        telemetry.send("event", {"kind": "error", "message": str(e)})
+    except Exception as e:  # noqa: BLE001 - report anything, then fail loudly
+        log.exception("training failed")
+        telemetry.send("event", {"kind": "error", "message": f"{type(e).__name__}: {e}"})
+    finally:
+        stop.set()
+        commands.join(5)
+        telemetry.close()
+        context.term()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

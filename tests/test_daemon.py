@@ -1,0 +1,208 @@
+"""The supervisor as a real process with a real worker, driven over real ZeroMQ sockets."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from shared import protocol
+from shared.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_MS = 180_000
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    with data.open("w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"instruction": f"第 {i} 题：SM4 与 AES 有何不同？",
+                                "output": f"<thinking>\n比较分组长度和轮数，第 {i} 次。\n</thinking>\n\n都用 128 位分组 {i}。"},
+                               ensure_ascii=False) + "\n")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"run.runs_root={tmp_path}", "run.name=d", f"data.paths=[{data}]", "data.max_seq_len=128",
+        f"data.terms={REPO / 'data' / 'crypto_terms.tsv'}",
+        "train.max_steps=40", "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every_steps=20",
+        "checkpoint.every_steps=20", "train.inference_check_tokens=8"])
+    run = tmp_path / "d"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return run
+
+
+class Client:
+    """A client with nothing but pyzmq and msgpack framing from shared.protocol."""
+
+    def __init__(self, control: str, telemetry: str) -> None:
+        self.context = zmq.Context()
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(telemetry)
+        self.ctl = self.context.socket(zmq.DEALER)
+        self.ctl.connect(control)
+        self.ids = itertools.count(1)
+
+    def call(self, cmd, **args):
+        id = next(self.ids)
+        self.ctl.send(protocol.encode_request(id, cmd, args))
+        assert self.ctl.poll(TIMEOUT_MS), f"no reply to {cmd}"
+        reply = protocol.decode_reply(self.ctl.recv())
+        assert reply["id"] == id
+        return reply
+
+    def wait_for(self, predicate):
+        while True:
+            assert self.sub.poll(TIMEOUT_MS), "telemetry went quiet"
+            message = protocol.decode_message(self.sub.recv_multipart())
+            if predicate(message):
+                return message
+
+    def close(self):
+        self.context.destroy(linger=0)
+
+
+def start_supervisor(run_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    ready = proc.stdout.readline().split()  # "ready <control> <telemetry>" once the sockets are bound
+    assert ready and ready[0] == "ready", ready
+    return proc, Client(ready[1], ready[2])
+
+
+def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
+    proc, client = start_supervisor(run_dir)
+    try:
+        assert client.call("ping")["result"]["pong"] is True
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)
+
+        paused = client.call("pause")
+        assert paused["ok"] and paused["result"]["paused"] is True
+        step = paused["result"]["step"]
+        assert client.call("status")["result"]["state"] == "paused"
+
+        snapshot = client.call("snapshot")["result"]
+        assert [m["step"] for m in snapshot["metrics"] if m["kind"] == "train"] == list(range(1, step + 1))
+        assert snapshot["seq"] > 0 and snapshot["state"] == "paused"
+
+        bad = client.call("set_batch_size", micro_batch_size=3)
+        assert not bad["ok"] and bad["error"]["code"] == "command_failed"
+        assert "does not divide" in bad["error"]["message"]
+        changed = client.call("set_batch_size", micro_batch_size=1)
+        assert changed["result"] == {"step": step, "micro_batch_size": 1, "grad_accum": 4, "global_batch": 4}
+
+        assert client.call("resume")["ok"]
+        after = client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] == step + 1)
+        assert (after["body"]["micro_batch_size"], after["body"]["grad_accum"]) == (1, 4)
+
+        stopped = client.call("stop")
+        assert stopped["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+    info = json.loads((run_dir / "daemon.json").read_text())
+    assert info["state"] == "stopped"
+    assert list((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def test_garbage_on_the_control_socket_never_stops_the_run(run_dir):
+    proc, client = start_supervisor(run_dir)
+    try:
+        raw = client.context.socket(zmq.DEALER)
+        raw.connect(json.loads((run_dir / "daemon.json").read_text())["endpoints"]["control"])
+        import random
+
+        rng = random.Random(0)
+        garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))) for _ in range(400)]
+        garbage += [msgpack.packb(x) for x in ([1, 2], "cmd", {"v": 1}, {"v": 1, "id": 1, "cmd": "fly"},
+                                               {"v": 1, "id": 2, "cmd": "pause", "args": {"x": 1}},
+                                               {"v": 9, "id": 3, "cmd": "ping"})] * 100
+        garbage += [b"\x00" * (protocol.MAX_FRAME + 1)]
+        for g in garbage:
+            raw.send(g)
+        assert client.call("ping")["ok"]  # still answering
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)  # still training
+        assert client.call("stop")["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_MS / 1000)
+
+
+def test_start_detached_steer_with_ctl_and_stop(run_dir, tmp_path):
+    """The user's path: start returns at once, the daemon outlives it, ctl and stop steer it."""
+    started = cli("start", "--config", str(run_dir / "config.yaml"), "--set", "run.name=cli", cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert "run:        cli" in started.stdout and "control:    ipc://" in started.stdout
+    run = tmp_path / "cli"
+    again = cli("start", "--config", str(run_dir / "config.yaml"), "--set", "run.name=cli", cwd=tmp_path)
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    status = cli("ctl", "status", "--json", "--run", str(run), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["result"]["state"] in ("starting", "loading", "training")
+    listed = cli("list", "--runs-root", str(tmp_path), cwd=tmp_path)
+    assert listed.stdout.split()[0] == "cli"
+
+    paused = cli("ctl", "pause", "--run", str(run), cwd=tmp_path)
+    assert paused.returncode == 0 and "paused: True" in paused.stdout
+    bad = cli("ctl", "set-batch-size", "3", "--run", str(run), cwd=tmp_path)
+    assert bad.returncode == 1 and "does not divide" in bad.stderr
+    assert cli("stop", str(run), cwd=tmp_path).returncode == 0
+    # `logs -f` returns when the daemon has gone: the test waits on that, not on a timer.
+    followed = cli("logs", str(run), "-f", cwd=tmp_path)
+    assert "state training -> paused" in followed.stdout or "state loading -> paused" in followed.stdout
+    assert json.loads((run / "daemon.json").read_text())["state"] == "stopped"
+    assert cli("ctl", "status", "--run", str(run), cwd=tmp_path).returncode == 1  # no daemon any more
+
+
+def test_a_worker_that_cannot_train_fails_the_run_and_pending_commands_get_an_answer(run_dir):
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace(str(REPO / "data" / "crypto_terms.tsv"), "/no/such/terms.tsv"))
+    proc, client = start_supervisor(run_dir)
+    try:
+        reply = client.call("pause")  # sent while loading; the worker fails before any step
+        assert not reply["ok"] and reply["error"]["code"] in ("command_failed", "bad_state")
+        assert proc.wait(TIMEOUT_MS / 1000) == 1
+    finally:
+        proc.kill()
+        client.close()
+    info = json.loads((run_dir / "daemon.json").read_text())
+    assert info["state"] == "failed"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()] \
+        if (run_dir / "events.jsonl").exists() else []
+    assert "terms.tsv" in (run_dir / "daemon.log").read_text() or events
+
+
+def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
+    import signal
+
+    proc, client = start_supervisor(run_dir)
+    try:
+        client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "checkpoint")
+        worker_pid = [e for e in client.call("snapshot")["result"]["events"] if e.get("kind") == "state"][0]
+        pid = int(worker_pid["reason"].split()[-1])  # "worker pid N" of the loading state
+        os.kill(pid, signal.SIGKILL)
+        restarted = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "worker_restarted")
+        assert restarted["body"]["checkpoint"].endswith("checkpoint-20")
+        resumed = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "resumed")
+        assert resumed["body"]["step"] == 20
+        assert client.call("stop")["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
