@@ -206,3 +206,55 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
     finally:
         proc.kill()
         client.close()
+
+
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(run_dir):
+    import signal
+
+    proc, client = start_supervisor(run_dir)
+    try:
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+    assert json.loads((run_dir / "daemon.json").read_text())["state"] == "stopped"
+    events = [json.loads(line)["kind"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-2:] == ["checkpoint", "stopped"]
+
+
+def test_a_late_joiner_reconstructs_the_whole_history(run_dir):
+    """Clone pattern: subscribe, snapshot, then apply only updates newer than the snapshot."""
+    proc, first = start_supervisor(run_dir)
+    late = None
+    try:
+        first.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 5)
+        info = json.loads((run_dir / "daemon.json").read_text())
+        late = Client(info["endpoints"]["control"], info["endpoints"]["telemetry"])
+        # Subscribe first, make sure the subscription is live (a heartbeat arrives), then snapshot.
+        late.wait_for(lambda m: m["topic"] == "heartbeat")
+        snapshot = late.call("snapshot")["result"]
+        history = {m["step"]: m for m in snapshot["metrics"] if m["kind"] == "train"}
+        seq = snapshot["seq"]
+        assert sorted(history) == list(range(1, len(history) + 1)) and len(history) >= 5
+        late.call("stop")
+        state = snapshot["state"]
+        while state not in ("stopped", "finished"):
+            message = late.wait_for(lambda m: True)
+            if message["seq"] <= seq:
+                continue  # already in the snapshot
+            assert message["seq"] == seq + 1, "gap: a real client would take a new snapshot"
+            seq = message["seq"]
+            if message["topic"] == "metrics" and message["body"]["kind"] == "train":
+                history[message["body"]["step"]] = message["body"]
+            elif message["topic"] == "state":
+                state = message["body"]["state"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        first.close()
+        if late:
+            late.close()
+    on_disk = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert history == {m["step"]: m for m in on_disk if m["kind"] == "train"}

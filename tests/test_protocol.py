@@ -543,3 +543,10 @@ def test_the_documented_example_client_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "demo: training at step 10/15" in out.stdout and "paused at step 10" in out.stdout
     assert "loss" in out.stdout and out.stdout.rstrip().endswith("run ended: finished")
+
+
+def test_examples_client_is_the_documented_one():
+    """examples/watch_and_steer.py is the client docs/protocol.md shows (and the test above runs)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    example = re.findall(r"```python\n(.*?)```", doc, re.S)[-1]
+    assert (Path(__file__).resolve().parents[1] / "examples" / "watch_and_steer.py").read_text() == example
