@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=float, default=600)
     stop.set_defaults(func=cmd_stop)
 
+    keys = sub.add_parser("keys", help="CURVE keys for TCP endpoints").add_subparsers(dest="keys_command",
+                                                                                    required=True)
+    gen = keys.add_parser("generate", help="server and client key pairs for daemon.curve_keys_dir")
+    gen.add_argument("directory")
+    gen.add_argument("--client", default="client", help="name of the client key pair")
+    gen.set_defaults(func=cmd_keys_generate)
+
     lst = sub.add_parser("list", help="runs, their state, step and daemon pid")
     lst.add_argument("--runs-root", default="runs")
     lst.set_defaults(func=cmd_list)
@@ -133,7 +140,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.foreground:
         _setup_logging(log_file=run / runs.DAEMON_LOG)
         print(f"run {run.name} in {run} (foreground; Ctrl-C stops at the next step with a checkpoint)", flush=True)
-        return Supervisor(run, resume=bool(args.resume), foreground=True).run()
+        try:
+            return Supervisor(run, resume=bool(args.resume), foreground=True).run()
+        except RuntimeError as e:
+            raise DataError(str(e)) from None
     cmd = [sys.executable, "-m", "qwen_daemon.supervisor", str(run)] + (["--resume"] if args.resume else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}
@@ -141,11 +151,23 @@ def cmd_start(args: argparse.Namespace) -> int:
                             start_new_session=True, env=env, text=True)  # survives the SSH session
     ready = proc.stdout.readline().split()
     if not ready or ready[0] != "ready":
-        raise DataError(f"the daemon did not start; see {run / runs.DAEMON_LOG}")
+        errors = [line for line in (run / runs.DAEMON_LOG).read_text(encoding="utf-8", errors="replace").splitlines()
+                  if " ERROR " in line] if (run / runs.DAEMON_LOG).exists() else []
+        raise DataError(f"the daemon did not start{': ' + errors[-1] if errors else ''}; see {run / runs.DAEMON_LOG}")
     print(f"run:        {run.name}\nrun dir:    {run}\ndaemon pid: {proc.pid}\n"
           f"control:    {ready[1]}\ntelemetry:  {ready[2]}\n"
           f"follow it:  qwen-daemon logs {run} -f      steer it: qwen-daemon ctl status --run {run}\n"
           f"attach:     qwen-tui attach {run.name}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from qwen_daemon.supervisor import generate_keys
+
+    made = generate_keys(Path(args.directory), args.client)
+    print(f"server key pair: {made['server']} (stays here; set daemon.curve_keys_dir: {args.directory})\n"
+          f"client key pair: {made['client']} (copy it to the client machine, with server.key)\n"
+          f"authorised clients: {Path(args.directory) / 'authorized'} (add more clients' .key files there)")
     return 0
 
 

@@ -56,6 +56,32 @@ def socket_dir(run_dir: Path) -> Path:
     return path
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name or an interface: treat as exposed
+
+
+def generate_keys(directory: Path, client: str = "client") -> dict[str, Path]:
+    """CURVE keys for daemon.curve_keys_dir: the server's pair, one client's pair, and the client's
+    public key in authorized/ (copy client.key_secret to the client machine; add more clients by
+    putting their .key files into authorized/)."""
+    from zmq import auth as zmq_auth
+
+    authorized = directory / "authorized"
+    authorized.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    server_public, server_secret = zmq_auth.create_certificates(str(directory), "server")
+    client_public, client_secret = zmq_auth.create_certificates(str(directory), client)
+    (authorized / Path(client_public).name).write_bytes(Path(client_public).read_bytes())
+    return {"server": Path(server_secret), "client": Path(client_secret)}
+
+
 def live_daemon(run_dir: Path) -> dict | None:
     """daemon.json of the run if its daemon process is alive; a stale file (dead pid) is None."""
     try:
@@ -86,7 +112,7 @@ class Supervisor:
         self.logs: collections.deque = collections.deque(maxlen=KEEP_LOGS)
         self.events: collections.deque = collections.deque(maxlen=KEEP_EVENTS)
         self.replies = protocol.ReplyCache()
-        self.forwarded: dict[int, tuple[list, Any, str]] = {}  # internal id -> (route, request id, cmd)
+        self.forwarded: dict[int, tuple] = {}  # internal id -> (route, request id, cmd, client socket)
         self.next_id = 0
         self.restarts = 0
         self.stopping = False
@@ -108,11 +134,52 @@ class Supervisor:
         self.pull.bind(self.endpoints["worker-telemetry"])
         self.pair = self.context.socket(zmq.PAIR)
         self.pair.bind(self.endpoints["worker-control"])
+        self.pubs, self.routers = [self.pub], [self.router]
+        self.tcp = self.bind_tcp()
+
+    def bind_tcp(self) -> list[dict[str, Any]]:
+        """`daemon.listen` TCP endpoints, on sockets of their own (CURVE applies per socket, and the
+        private IPC sockets stay open to local clients). tcp://HOST:PORT = control at PORT,
+        telemetry at PORT+1. Loopback may go without keys; any other address needs CURVE."""
+        listen, keys = self.cfg.daemon.listen, self.cfg.daemon.curve_keys_dir
+        if not listen:
+            return []
+        hosts = [(e, *e.removeprefix("tcp://").rsplit(":", 1)) for e in listen]
+        exposed = [e for e, host, _ in hosts if not is_loopback(host)]
+        if exposed and not keys:
+            raise RuntimeError(f"daemon.listen has non-loopback endpoints {exposed} but no daemon.curve_keys_dir: "
+                               "anyone on the network could steer the run. Create keys with `qwen-daemon keys "
+                               "generate DIR` and set daemon.curve_keys_dir, or listen on 127.0.0.1 only")
+        pub, router = self.context.socket(zmq.PUB), self.context.socket(zmq.ROUTER)
+        pub.setsockopt(zmq.SNDHWM, 10_000)
+        router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if keys:
+            from zmq import auth as zmq_auth
+            from zmq.auth.thread import ThreadAuthenticator
+
+            keys = Path(keys)
+            self.auth = ThreadAuthenticator(self.context)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=str(keys / "authorized"))
+            public, secret = zmq_auth.load_certificate(str(keys / "server.key_secret"))
+            for sock in (pub, router):
+                sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, public, secret
+        bound = []
+        for _, host, port in hosts:
+            router.bind(f"tcp://{host}:{port}")
+            pub.bind(f"tcp://{host}:{int(port) + 1}")
+            bound.append({"control": f"tcp://{host}:{port}", "telemetry": f"tcp://{host}:{int(port) + 1}",
+                          "curve": bool(keys)})
+        self.pubs.append(pub)
+        self.routers.append(router)
+        return bound
 
     def write_daemon_json(self) -> None:
         info = {"pid": os.getpid(), "state": self.state, "protocol": protocol.VERSION, "started_at": self.started_at,
                 "run": self.cfg.run.name, "endpoints": {"control": self.endpoints["control"],
-                                                        "telemetry": self.endpoints["telemetry"]}}
+                                                        "telemetry": self.endpoints["telemetry"],
+                                                        "tcp": getattr(self, "tcp", [])}}
         tmp = self.run_dir / f".{DAEMON_JSON}.tmp"
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
         os.replace(tmp, self.run_dir / DAEMON_JSON)
@@ -129,10 +196,15 @@ class Supervisor:
         elif topic == "event":
             self.events.append(body)
         try:
-            self.pub.send_multipart(protocol.encode_message(self.seq, self.cfg.run.name or "", topic, body),
-                                    flags=zmq.NOBLOCK)
-        except (zmq.Again, protocol.ProtocolError) as e:
+            frames = protocol.encode_message(self.seq, self.cfg.run.name or "", topic, body)
+        except protocol.ProtocolError as e:
             log.debug("not published (%s): %s", topic, e)
+            return
+        for pub in self.pubs:
+            try:
+                pub.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state == self.state:
@@ -156,11 +228,11 @@ class Supervisor:
 
     def on_worker_exit(self, code: int) -> bool:
         """Decide what a worker's exit means; False = the supervisor is done."""
-        for route, id, cmd in self.forwarded.values():  # they will never be applied: say so
+        for route, id, cmd, sock in self.forwarded.values():  # they will never be applied: say so
             error = {"code": "command_failed", "message": f"the worker exited (code {code}) before applying {cmd}"}
             encoded = protocol.encode_reply(id, error=error)
             self.replies.put(route[0] if route else b"", id, encoded)
-            self.router.send_multipart(route + [encoded])
+            sock.send_multipart(route + [encoded])
         self.forwarded.clear()
         if code == worker.EXIT_FINISHED:
             self.set_state("finished")
@@ -186,7 +258,7 @@ class Supervisor:
 
     # --- requests --------------------------------------------------------------------------------
 
-    def handle_request(self, frames: list[bytes]) -> None:
+    def handle_request(self, frames: list[bytes], sock: zmq.Socket) -> None:
         try:
             route, frame = protocol.split_route(frames)
         except protocol.ProtocolError as e:
@@ -197,25 +269,25 @@ class Supervisor:
             request = protocol.decode_request(frame)
         except protocol.ProtocolError as e:
             log.warning("bad request: %s", e)
-            self.router.send_multipart(route + [protocol.encode_reply(e.id, error=e)])
+            sock.send_multipart(route + [protocol.encode_reply(e.id, error=e)])
             return
         id, cmd = request["id"], request["cmd"]
         if cmd in protocol.READ_ONLY_COMMANDS:
-            self.router.send_multipart(route + [protocol.encode_reply(id, result=self.read_only(cmd))])
+            sock.send_multipart(route + [protocol.encode_reply(id, result=self.read_only(cmd))])
             return
         cached = self.replies.get(identity, id)
         if cached is not None:
-            self.router.send_multipart(route + [cached])
+            sock.send_multipart(route + [cached])
             return
         if self.replies.pending(identity, id):
             return  # the original's reply is coming
         if self.state in protocol.FINAL_STATES:
             error = {"code": "bad_state", "message": f"the run is {self.state}; nothing to {cmd}"}
-            self.router.send_multipart(route + [protocol.encode_reply(id, error=error)])
+            sock.send_multipart(route + [protocol.encode_reply(id, error=error)])
             return
         self.replies.begin(identity, id)
         self.next_id += 1
-        self.forwarded[self.next_id] = (route, id, cmd)
+        self.forwarded[self.next_id] = (route, id, cmd, sock)
         if cmd == "stop":
             self.stopping = True
         self.pair.send(msgpack.packb({"id": self.next_id, "cmd": cmd, "args": request.get("args") or {}}))
@@ -239,7 +311,7 @@ class Supervisor:
 
     def handle_worker_reply(self, frame: bytes) -> None:
         reply = msgpack.unpackb(frame, raw=False)
-        route, id, cmd = self.forwarded.pop(reply["id"], (None, None, None))
+        route, id, cmd, sock = self.forwarded.pop(reply["id"], (None, None, None, None))
         if route is None:
             return
         if reply["ok"]:
@@ -249,7 +321,7 @@ class Supervisor:
         else:
             encoded = protocol.encode_reply(id, error={"code": "command_failed", "message": reply["error"]})
         self.replies.put(route[0] if route else b"", id, encoded)
-        self.router.send_multipart(route + [encoded])
+        sock.send_multipart(route + [encoded])
 
     def handle_telemetry(self, frame: bytes) -> None:
         message = msgpack.unpackb(frame, raw=False)
@@ -280,7 +352,7 @@ class Supervisor:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
         poller = zmq.Poller()
-        for sock in (self.router, self.pull, self.pair):
+        for sock in (*self.routers, self.pull, self.pair):
             poller.register(sock, zmq.POLLIN)
         next_tick = time.monotonic()
         while True:
@@ -290,8 +362,8 @@ class Supervisor:
                 self.worker.send_signal(signal.SIGTERM)
             timeout = max(0.0, next_tick - time.monotonic())
             for sock, _ in poller.poll(timeout * 1000):
-                if sock is self.router:
-                    self.handle_request(self.router.recv_multipart())
+                if sock in self.routers:
+                    self.handle_request(sock.recv_multipart(), sock)
                 elif sock is self.pull:
                     self.handle_telemetry(self.pull.recv())
                 else:
@@ -307,8 +379,10 @@ class Supervisor:
                 if not self.on_worker_exit(code):
                     break
         self.publish("heartbeat", {"state": self.state, "step": self.step, "pid": os.getpid()})
-        for sock in (self.pub, self.router, self.pull, self.pair):
+        for sock in (*self.pubs, *self.routers, self.pull, self.pair):
             sock.close(linger=500)
+        if getattr(self, "auth", None):
+            self.auth.stop()
         self.context.term()
         return 0 if self.state != "failed" else 1
 
@@ -321,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=[logging.FileHandler(run / runs.DAEMON_LOG, encoding="utf-8")], force=True)
-    return Supervisor(run, args.resume).run()
+    try:
+        return Supervisor(run, args.resume).run()
+    except RuntimeError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

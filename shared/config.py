@@ -157,8 +157,20 @@ class LaunchConfig(_Section):
 
 class DaemonConfig(_Section):
     listen: list[str] = Field(default_factory=list)
-    """Extra TCP endpoints (tcp://host:port); non-loopback ones need curve_keys_dir."""
+    """Extra TCP endpoints tcp://HOST:PORT (control at PORT, telemetry at PORT+1); non-loopback
+    ones need curve_keys_dir."""
     curve_keys_dir: str | None = None
+    """Directory from `qwen-daemon keys generate`: server key pair and authorized/ client keys.
+    When set, every TCP endpoint requires CURVE."""
+
+    @field_validator("listen")
+    @classmethod
+    def _tcp(cls, v: list[str]) -> list[str]:
+        for endpoint in v:
+            host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+            if not endpoint.startswith("tcp://") or not host or not port.isdigit() or not 0 < int(port) < 65535:
+                raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)")
+        return v
 
 
 class Config(_Section):

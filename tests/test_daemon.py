@@ -258,3 +258,69 @@ def test_a_late_joiner_reconstructs_the_whole_history(run_dir):
             late.close()
     on_disk = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert history == {m["step"]: m for m in on_disk if m["kind"] == "train"}
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:  # two consecutive free ports: control and telemetry
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return port if port < 65000 else free_port()
+
+
+def with_listen(run_dir, *settings):
+    cfg = load_config(run_dir / "config.yaml", list(settings))
+    (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+
+def ping_over_tcp(endpoint, keys=None, server_key=None):
+    """A ping over TCP: the reply, or None when nothing comes back within 3 s."""
+    import zmq.auth
+
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        if keys:
+            public, secret = zmq.auth.load_certificate(str(keys))
+            sock.curve_publickey, sock.curve_secretkey = public, secret
+            sock.curve_serverkey = zmq.auth.load_certificate(str(server_key))[0]
+        sock.connect(endpoint)
+        sock.send(protocol.encode_request(1, "ping"))
+        return protocol.decode_reply(sock.recv()) if sock.poll(3000) else None
+    finally:
+        context.destroy(linger=0)
+
+
+def test_curve_lets_authorised_clients_in_and_nobody_else(run_dir, tmp_path):
+    from qwen_daemon.supervisor import generate_keys
+
+    keys = tmp_path / "keys"
+    generate_keys(keys, "alice")
+    generate_keys(tmp_path / "other", "mallory")  # a valid key pair the daemon does not know
+    port = free_port()
+    with_listen(run_dir, f"daemon.listen=[tcp://127.0.0.1:{port}]", f"daemon.curve_keys_dir={keys}")
+    proc, client = start_supervisor(run_dir)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        assert ping_over_tcp(endpoint) is None  # no keys: nothing
+        assert ping_over_tcp(endpoint, tmp_path / "other" / "mallory.key_secret", keys / "server.key") is None
+        reply = ping_over_tcp(endpoint, keys / "alice.key_secret", keys / "server.key")
+        assert reply and reply["result"]["pong"] is True
+        assert client.call("ping")["ok"]  # the private IPC socket needs no keys
+        tcp = json.loads((run_dir / "daemon.json").read_text())["endpoints"]["tcp"]
+        assert tcp == [{"control": endpoint, "telemetry": f"tcp://127.0.0.1:{port + 1}", "curve": True}]
+        assert client.call("stop")["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+
+
+def test_a_non_loopback_endpoint_without_keys_is_refused(run_dir):
+    with_listen(run_dir, "daemon.listen=[tcp://0.0.0.0:5999]")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "non-loopback" in out.stderr and "keys generate" in out.stderr
