@@ -221,7 +221,9 @@ class Supervisor:
     def spawn(self, resume: bool) -> None:
         env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
                worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "qwen_daemon.worker", str(self.run_dir)] + (["--resume"] if resume else [])
+        # QWEN_DAEMON_WORKER_MODULE: another worker program (the telemetry benchmark's synthetic one).
+        module = os.environ.get("QWEN_DAEMON_WORKER_MODULE", "qwen_daemon.worker")
+        cmd = [sys.executable, "-m", module, str(self.run_dir)] + (["--resume"] if resume else [])
         self.worker = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                        stdout=open(self.run_dir / runs.DAEMON_LOG, "ab"), stderr=subprocess.STDOUT)
         self.set_state("loading", f"worker pid {self.worker.pid}")
