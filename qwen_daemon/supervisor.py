@@ -119,6 +119,8 @@ class Supervisor:
         self.worker: subprocess.Popen | None = None
         self.started_at = time.time()
         self.sampler = gpu.Sampler()
+        self.ranks: dict[int, dict] = {}  # rank -> torch memory figures from the workers
+        self.before_detour = "training"
 
     # --- sockets and files ---------------------------------------------------------------------
 
@@ -327,12 +329,26 @@ class Supervisor:
 
     def handle_telemetry(self, frame: bytes) -> None:
         message = msgpack.unpackb(frame, raw=False)
-        body = message["body"]
-        if message["topic"] == "event" and body.get("kind") == "train_start" and self.state == "loading":
-            self.set_state("training")
-        if self.foreground and message["topic"] == "log":
+        topic, body = message["topic"], message["body"]
+        if topic == "rank":  # a worker's own torch memory figures, merged into the gpu topic
+            self.ranks[body["rank"]] = body
+            return
+        self.follow_state(topic, body)
+        if self.foreground and topic == "log":
             print(f"{body.get('level', '')} {body.get('logger', '')}: {body.get('message', '')}", file=sys.stderr)
-        self.publish(message["topic"], body)
+        self.publish(topic, body)
+
+    def follow_state(self, topic: str, body: dict[str, Any]) -> None:
+        """The run's state from what the worker reports: evaluating and saving are brief detours
+        that return to the state before them (training or paused)."""
+        kind = body.get("kind") if topic == "event" else None
+        if kind == "train_start" and self.state == "loading":
+            self.set_state("training")
+        elif kind in ("evaluating", "saving") and self.state in ("training", "paused"):
+            self.before_detour = self.state
+            self.set_state(kind)
+        elif self.state in ("evaluating", "saving") and (topic == "metrics" or kind in ("checkpoint", "command_applied")):
+            self.set_state(self.before_detour)
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -372,7 +388,7 @@ class Supervisor:
                     self.handle_worker_reply(self.pair.recv())
             if time.monotonic() >= next_tick:
                 next_tick += protocol.HEARTBEAT_INTERVAL
-                self.publish("gpu", self.sampler.sample())
+                self.publish("gpu", {**self.sampler.sample(), "ranks": [self.ranks[r] for r in sorted(self.ranks)]})
                 self.publish("heartbeat", {"state": self.state, "step": self.step, "pid": os.getpid()})
             code = self.worker.poll()
             if code is not None:

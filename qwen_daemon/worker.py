@@ -20,12 +20,14 @@ import queue
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
 
+from qwen_daemon import gpu
 from shared import runs
 from shared.config import load_config
 
@@ -97,8 +99,14 @@ class TelemetryLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event) -> None:
-    """Command thread: requests from the supervisor -> Controls; replies once applied."""
+def torch_device_index() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event,
+                   telemetry: Telemetry) -> None:
+    """Command thread: requests from the supervisor -> Controls; replies once applied. Also sends
+    this process's torch memory figures once a second."""
     sock = context.socket(zmq.PAIR)
     sock.connect(endpoint)
     replies: queue.Queue = queue.Queue()
@@ -107,7 +115,13 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
              "stop": lambda a: controls.stop(),
              "set_batch_size": lambda a: controls.set_micro_batch_size(a["micro_batch_size"],
                                                                         a.get("keep_global_batch", True))}
+    next_memory = 0.0
     while not stop.is_set():
+        if time.monotonic() >= next_memory:  # this process's torch memory, once a second, for the gpu topic
+            next_memory = time.monotonic() + 1.0
+            if memory := gpu.torch_memory(torch_device_index()):
+                telemetry.send("rank", {"rank": int(os.environ.get("RANK", 0)), "index": torch_device_index(),
+                                        **memory})
         if sock.poll(100):
             request = msgpack.unpackb(sock.recv(), raw=False)
             future = calls[request["cmd"]](request.get("args") or {})
@@ -144,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: controls.stop())
     stop = threading.Event()
-    commands = threading.Thread(target=serve_commands, args=(context, os.environ[CONTROL_ENV], controls, stop),
+    commands = threading.Thread(target=serve_commands, args=(context, os.environ[CONTROL_ENV], controls, stop,
+                                                             telemetry),
                                 name="commands", daemon=True)
     commands.start()
     code = EXIT_FAILED

@@ -324,3 +324,46 @@ def test_a_non_loopback_endpoint_without_keys_is_refused(run_dir):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "non-loopback" in out.stderr and "keys generate" in out.stderr
+
+
+def test_a_retried_request_is_replayed_not_executed_twice(run_dir):
+    proc, client = start_supervisor(run_dir)
+    try:
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 1)
+        client.ctl.send(protocol.encode_request("same-id", "checkpoint"))
+        assert client.ctl.poll(TIMEOUT_MS)
+        first = client.ctl.recv()
+        client.ctl.send(protocol.encode_request("same-id", "checkpoint"))  # a retry after a lost reply
+        assert client.ctl.poll(TIMEOUT_MS)
+        assert client.ctl.recv() == first
+        states = []
+        client.call("stop")
+        while not states or states[-1] not in ("stopped", "finished"):
+            message = client.wait_for(lambda m: m["topic"] == "state")
+            states.append(message["body"]["state"])
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert sum(1 for e in events if e["kind"] == "command_applied" and e["command"] == "checkpoint") == 1
+    assert "saving" in states  # the final checkpoint: a brief detour through `saving`
+
+
+def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
+    proc, client = start_supervisor(run_dir)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        second = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "already has a daemon" in second.stderr
+        assert client.call("ping")["ok"]  # the first one is untouched
+        assert client.call("stop")["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+    # Its daemon.json now names a dead pid: a new daemon may take the run over (stale file).
+    from qwen_daemon.supervisor import live_daemon
+
+    assert live_daemon(run_dir) is None

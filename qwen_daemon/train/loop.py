@@ -317,6 +317,7 @@ def evaluate(r: Run) -> float | None:
     ds = r.splits["validation"].select_columns(["input_ids", "prompt_len"])
     if len(ds) == 0:
         return None
+    r.sinks.event("evaluating", step=r.state.step)
     units = epoch_units(r.splits["validation"]["num_tokens"], epoch=0, seed=r.cfg.data.seed, max_seq_len=r.cfg.data.max_seq_len,
                         packing=r.cfg.data.packing)
     r.model.eval()
@@ -349,6 +350,7 @@ def save(r: Run) -> Path | None:
     if not r.is_main or r.saved_step == r.state.step:
         return None
     r.saved_step = r.state.step
+    r.sinks.event("saving", step=r.state.step)
     path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler, keep_last=r.cfg.checkpoint.keep_last)
     r.sinks.event("checkpoint", step=r.state.step, path=str(path))
     return path
