@@ -150,6 +150,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=env, text=True)  # survives the SSH session
     ready = proc.stdout.readline().split()
+    if ready and ready[0] == "ready" and not _call(run, "ping", {}, timeout=30)["ok"]:
+        ready = []  # bound but not answering
     if not ready or ready[0] != "ready":
         errors = [line for line in (run / runs.DAEMON_LOG).read_text(encoding="utf-8", errors="replace").splitlines()
                   if " ERROR " in line] if (run / runs.DAEMON_LOG).exists() else []

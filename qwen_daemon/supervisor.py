@@ -8,7 +8,7 @@ the `gpu` and `heartbeat` topics. Everything published goes through `publish`, w
 the history that `snapshot` returns, so a snapshot is exactly the messages up to its seq.
 
 A worker that dies (killed, segfault) is restarted from the newest valid checkpoint up to
-MAX_RESTARTS times, each restart an event; then the run is `failed`. A worker that exits with
+`daemon.max_restarts` times, each restart an event; then the run is `failed`. A worker that exits with
 EXIT_FAILED has reported why (bad data, an OOM at micro-batch 1) and is not restarted.
 SIGTERM/SIGINT: the worker is told to stop at the next step boundary with a checkpoint.
 """
@@ -38,7 +38,6 @@ from qwen_daemon import gpu, worker
 
 log = logging.getLogger("qwen_daemon.supervisor")
 
-MAX_RESTARTS = 2
 DAEMON_JSON = "daemon.json"
 KEEP_LOGS = 500
 KEEP_EVENTS = 500
@@ -248,7 +247,7 @@ class Supervisor:
 
         # EXIT_FAILED: the worker said why (bad data, OOM at micro-batch 1, ...); a restart would
         # fail the same way. Anything else (killed, segfault) is worth a restart.
-        if code != worker.EXIT_FAILED and self.restarts < MAX_RESTARTS:
+        if code != worker.EXIT_FAILED and self.restarts < self.cfg.daemon.max_restarts:
             self.restarts += 1
             checkpoint = latest_valid_checkpoint(self.run_dir)
             self.publish("event", {"kind": "worker_restarted", "exit_code": code, "restart": self.restarts,

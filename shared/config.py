@@ -159,6 +159,8 @@ class DaemonConfig(_Section):
     listen: list[str] = Field(default_factory=list)
     """Extra TCP endpoints tcp://HOST:PORT (control at PORT, telemetry at PORT+1); non-loopback
     ones need curve_keys_dir."""
+    max_restarts: int = Field(2, ge=0)
+    """Times a killed or crashed worker is restarted from the newest checkpoint before the run fails."""
     curve_keys_dir: str | None = None
     """Directory from `qwen-daemon keys generate`: server key pair and authorized/ client keys.
     When set, every TCP endpoint requires CURVE."""

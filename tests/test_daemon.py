@@ -367,3 +367,20 @@ def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
     from qwen_daemon.supervisor import live_daemon
 
     assert live_daemon(run_dir) is None
+
+
+def test_with_no_restarts_left_a_killed_worker_fails_the_run(run_dir):
+    import signal
+
+    with_listen(run_dir, "daemon.max_restarts=0")
+    proc, client = start_supervisor(run_dir)
+    try:
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 1)
+        loading = [e for e in client.call("snapshot")["result"]["events"] if e.get("state") == "loading"][0]
+        os.kill(int(loading["reason"].split()[-1]), signal.SIGKILL)
+        failed = client.wait_for(lambda m: m["topic"] == "state" and m["body"]["state"] == "failed")
+        assert "code -9" in failed["body"]["reason"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 1
+    finally:
+        proc.kill()
+        client.close()
