@@ -104,6 +104,7 @@ def test_demo_pipeline_end_to_end_to_a_saved_adapter(tmp_path, data_dir):
     assert any(m["kind"] == "eval" for m in metrics)
     assert all(m["tokens_per_s"] > 0 and m["tokens"] > 0 for m in metrics if m["kind"] == "train")
     assert list((run / "tensorboard").iterdir())
+    assert json.loads((run / "data_report.json").read_text(encoding="utf-8"))["kept"] > 0
     events = [e["kind"] for e in read_jsonl(run / "events.jsonl")]
     assert events[0] == "train_start" and "checkpoint" in events and events[-1] == "inference_check"
     answers = read_jsonl(run / "inference.jsonl")

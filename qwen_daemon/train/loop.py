@@ -33,6 +33,7 @@ from qwen_daemon.train.controls import Command, Controls
 from qwen_daemon.train.data import prepare_data
 from qwen_daemon.train.model import bnb_config, compute_dtype, load_model, load_tokenizer
 from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
+from shared import runs
 from shared.config import Config
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     data = prepare_data(cfg, tokenizer)
+    if rank == 0:
+        (run_dir / runs.DATA_REPORT).write_text(json.dumps(data.report.to_dict(), ensure_ascii=False, indent=2),
+                                                encoding="utf-8")
     splits = data.splits
     if len(splits["train"]) == 0:
         raise TrainingError(f"no training sample in {cfg.data.paths}; `qwen-daemon data check` shows why")
