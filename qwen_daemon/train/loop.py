@@ -325,6 +325,7 @@ def evaluate(r: Run) -> float | None:
     units = epoch_units(r.splits["validation"]["num_tokens"], epoch=0, seed=r.cfg.data.seed, max_seq_len=r.cfg.data.max_seq_len,
                         packing=r.cfg.data.packing)
     r.model.eval()
+    dtype = compute_dtype(r.cfg, r.device)
     loss_sum, label_tokens = 0.0, 0
     with torch.no_grad():
         for k in range(r.rank * r.state.micro_batch_size, len(units), r.state.micro_batch_size * r.world_size):
@@ -332,7 +333,6 @@ def evaluate(r: Run) -> float | None:
                             packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
                             flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
             inputs = {key: batch[key].to(r.device) for key in MODEL_INPUTS if key in batch}
-            dtype = compute_dtype(r.cfg, r.device)
             with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, batch["num_label_tokens"]))
             loss_sum += out.loss.item() * batch["num_label_tokens"]
