@@ -116,11 +116,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from qwen_daemon.supervisor import Supervisor, live_daemon
+    from qwen_daemon.supervisor import Supervisor
 
     if args.resume:
         run = _find_run(args.resume, live=False)
-        if live_daemon(run):
+        if runs.live_daemon(run):
             raise DataError(f"{run} is running; nothing to resume")
     else:
         if not args.config:
@@ -203,14 +203,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from qwen_daemon.supervisor import live_daemon
-
     root = Path(args.runs_root)
     rows = []
     for run in sorted(root.glob("*/" + runs.CONFIG)):
         run = run.parent
         info = _read_json(run / "daemon.json")
-        live = live_daemon(run)
+        live = runs.live_daemon(run)
         step = _last_step(run)
         rows.append((run.name, (info or {}).get("state", "-") if live or info else "-", step,
                      live["pid"] if live else "-"))
@@ -224,8 +222,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     import time
 
-    from qwen_daemon.supervisor import live_daemon
-
     run = _find_run(args.run, live=False)
     path = run / runs.DAEMON_LOG
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -235,7 +231,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             if line:
                 sys.stdout.write(line)
                 sys.stdout.flush()
-            elif live_daemon(run) is None:
+            elif runs.live_daemon(run) is None:
                 return 0
             else:
                 time.sleep(0.3)  # tail -f: nothing to wait on but the file
@@ -263,21 +259,18 @@ def _call(run: Path, cmd: str, args: dict, timeout: float) -> dict:
 
 def _find_run(name: str | None, live: bool) -> Path:
     """A run by directory or name; with no name, the newest run with a live daemon."""
-    from qwen_daemon.supervisor import live_daemon
-
     if name:
         path = Path(name)
         for candidate in (path, Path("runs") / name):
             if (candidate / runs.CONFIG).exists():
-                if live and live_daemon(candidate) is None:
+                if live and runs.live_daemon(candidate) is None:
                     raise DataError(f"{candidate} has no running daemon (see qwen-daemon list)")
                 return candidate
         raise DataError(f"no run {name!r} (give runs/<name> or its path; see qwen-daemon list)")
-    candidates = [(info["started_at"], run.parent) for run in Path("runs").glob("*/daemon.json")
-                  if (info := live_daemon(run.parent))]
-    if not candidates:
+    live = runs.live_runs()
+    if not live:
         raise DataError("no live run in ./runs; name one with --run (see qwen-daemon list)")
-    return max(candidates)[1]
+    return live[0][0]
 
 
 def _read_json(path: Path) -> dict | None:

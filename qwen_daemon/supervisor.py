@@ -38,7 +38,6 @@ from qwen_daemon import gpu, worker
 
 log = logging.getLogger("qwen_daemon.supervisor")
 
-DAEMON_JSON = "daemon.json"
 KEEP_LOGS = 500
 KEEP_EVENTS = 500
 
@@ -79,19 +78,6 @@ def generate_keys(directory: Path, client: str = "client") -> dict[str, Path]:
     client_public, client_secret = zmq_auth.create_certificates(str(directory), client)
     (authorized / Path(client_public).name).write_bytes(Path(client_public).read_bytes())
     return {"server": Path(server_secret), "client": Path(client_secret)}
-
-
-def live_daemon(run_dir: Path) -> dict | None:
-    """daemon.json of the run if its daemon process is alive; a stale file (dead pid) is None."""
-    try:
-        info = json.loads((run_dir / DAEMON_JSON).read_text(encoding="utf-8"))
-        os.kill(int(info["pid"]), 0)
-        cmdline = Path(f"/proc/{info['pid']}/cmdline")
-        if cmdline.exists() and b"qwen_daemon" not in cmdline.read_bytes():
-            return None  # the pid was reused by another program
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return info if info.get("state") not in protocol.FINAL_STATES else None
 
 
 class Supervisor:
@@ -181,9 +167,9 @@ class Supervisor:
                 "run": self.cfg.run.name, "endpoints": {"control": self.endpoints["control"],
                                                         "telemetry": self.endpoints["telemetry"],
                                                         "tcp": getattr(self, "tcp", [])}}
-        tmp = self.run_dir / f".{DAEMON_JSON}.tmp"
+        tmp = self.run_dir / f".{runs.DAEMON_JSON}.tmp"
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        os.replace(tmp, self.run_dir / DAEMON_JSON)
+        os.replace(tmp, self.run_dir / runs.DAEMON_JSON)
 
     # --- publishing and state --------------------------------------------------------------------
 
@@ -303,7 +289,9 @@ class Supervisor:
                   "total_steps": last.get("total_steps"), "epoch": last.get("epoch"),
                   "micro_batch_size": last.get("micro_batch_size", self.cfg.train.micro_batch_size),
                   "grad_accum": last.get("grad_accum", self.cfg.train.grad_accum),
+                  "processes": last.get("processes", 1),
                   "pid": os.getpid(), "started_at": self.started_at, "seq": self.seq}
+        status["global_batch"] = status["micro_batch_size"] * status["grad_accum"] * status["processes"]
         if cmd == "status":
             return status
         return {"seq": self.seq, "state": self.state, "run": self.cfg.run.name, "status": status,
@@ -352,7 +340,7 @@ class Supervisor:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        other = live_daemon(self.run_dir)
+        other = runs.live_daemon(self.run_dir)
         if other is not None:
             raise RuntimeError(f"{self.run_dir} already has a daemon (pid {other['pid']}, {other['state']}); "
                                f"stop it first: qwen-daemon stop {self.run_dir}")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
 from shared.config import Config
+from shared.protocol import FINAL_STATES
 
 CONFIG = "config.yaml"
+DAEMON_JSON = "daemon.json"
 DAEMON_LOG = "daemon.log"
 DATA_REPORT = "data_report.json"
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
 
 
 def default_run_name(config_path: str | Path | None) -> str:
@@ -22,3 +28,22 @@ def run_dir(cfg: Config) -> Path:
     if cfg.run.name is None:
         raise ValueError("run.name is not set; call default_run_name() first")
     return Path(cfg.run.runs_root) / cfg.run.name
+
+
+def live_daemon(run_dir: Path) -> dict | None:
+    """daemon.json of the run if its daemon process is alive; a stale file (dead pid) is None."""
+    try:
+        info = json.loads((run_dir / DAEMON_JSON).read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+        cmdline = Path(f"/proc/{info['pid']}/cmdline")
+        if cmdline.exists() and b"qwen_daemon" not in cmdline.read_bytes():
+            return None  # the pid was reused by another program
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if info.get("state") not in FINAL_STATES else None
+
+
+def live_runs(runs_root: str | Path = "runs") -> list[tuple[Path, dict]]:
+    """Runs under runs_root whose daemon is alive, newest first, with their daemon.json."""
+    found = [(run.parent, info) for run in Path(runs_root).glob(f"*/{DAEMON_JSON}") if (info := live_daemon(run.parent))]
+    return sorted(found, key=lambda item: item[1].get("started_at", 0), reverse=True)

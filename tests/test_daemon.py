@@ -368,7 +368,7 @@ def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
         proc.kill()
         client.close()
     # Its daemon.json now names a dead pid: a new daemon may take the run over (stale file).
-    from qwen_daemon.supervisor import live_daemon
+    from shared.runs import live_daemon
 
     assert live_daemon(run_dir) is None
 

@@ -122,7 +122,7 @@ def _train(r: Run, resume: bool) -> TrainState:
             "loss": loss, "lr": r.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time": elapsed,
             "samples_seen": r.state.samples_seen, "micro_batch_size": r.state.micro_batch_size,
-            "grad_accum": r.state.grad_accum, **gpu_memory(r.device),
+            "grad_accum": r.state.grad_accum, "processes": r.world_size, **gpu_memory(r.device),
         })
         if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
             evaluate(r)

@@ -1,0 +1,79 @@
+"""The metric chart: training loss (raw and smoothed) with eval points, or the learning rate,
+gradient norm or tokens/s, against the step. Points are averaged into at most two per
+character column first, so 100,000 steps draw as fast as 100."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from textual_plotext import PlotextPlot
+
+from qwen_tui.client import RunView
+
+MODES = (("loss", "Loss"), ("lr", "Learning rate"), ("grad_norm", "Gradient norm"), ("tokens_per_s", "Tokens/s"))
+MIN_INTERVAL_S = 0.5  # replot at most twice a second, however fast metrics arrive
+
+
+def bucket_means(xs, ys, buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most `buckets` points: the mean x and y of equal runs of consecutive points; NaN skipped."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    finite = np.isfinite(ys)
+    xs, ys = xs[finite], ys[finite]
+    if len(xs) <= buckets:
+        return xs, ys
+    starts = np.linspace(0, len(xs), buckets + 1).astype(int)[:-1]
+    counts = np.diff(np.append(starts, len(xs)))
+    return np.add.reduceat(xs, starts) / counts, np.add.reduceat(ys, starts) / counts
+
+
+class MetricChart(PlotextPlot):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mode = 0
+        self._drawn: tuple | None = None
+        self._drawn_at = 0.0
+        self.view: RunView | None = None
+
+    def next_mode(self) -> str:
+        self.mode = (self.mode + 1) % len(MODES)
+        self.replot(force=True)
+        return MODES[self.mode][1]
+
+    def show(self, view: RunView) -> None:
+        self.view = view
+        self.replot()
+
+    def on_resize(self) -> None:
+        self.replot(force=True)
+
+    def replot(self, force: bool = False) -> None:
+        v = self.view
+        if v is None:
+            return
+        key = (v.generation, len(v.train["step"]), len(v.eval_steps), self.mode, self.size.width)
+        if key == self._drawn or (not force and time.monotonic() - self._drawn_at < MIN_INTERVAL_S):
+            return
+        self._drawn, self._drawn_at = key, time.monotonic()
+        name, title = MODES[self.mode]
+        self.border_title = f"{title}  [dim](m: {' / '.join(t for _, t in MODES if t != title)})[/]"
+        buckets = max(8, 2 * (self.size.width - 10))  # braille: two dots per column
+        plt = self.plt
+        plt.clear_data()
+        plt.xlabel("step")
+        steps = v.train["step"]
+        if not steps:
+            plt.title("waiting for the first step")
+            self.refresh()
+            return
+        plt.title("")
+        if name == "loss":
+            plt.plot(*bucket_means(steps, v.train["loss"], buckets), marker="braille", color="gray", label="train")
+            plt.plot(*bucket_means(steps, v.train["smoothed"], buckets), marker="braille", color="orange",
+                     label="smoothed")
+            if v.eval_steps:
+                plt.scatter(*bucket_means(v.eval_steps, v.eval_losses, buckets), marker="◆", color="cyan",
+                            label="eval")
+        else:
+            plt.plot(*bucket_means(steps, v.train[name], buckets), marker="braille", color="orange")
+        self.refresh()
