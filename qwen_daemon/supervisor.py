@@ -92,6 +92,7 @@ class Supervisor:
         self.context = zmq.Context()
         self.state = "starting"
         self.seq = 0
+        self.gpu: dict | None = None  # the last `gpu` body, for snapshots
         self.step = 0
         self.metrics: list[dict] = []
         self.logs: collections.deque = collections.deque(maxlen=KEEP_LOGS)
@@ -182,6 +183,8 @@ class Supervisor:
             self.logs.append(body)
         elif topic == "event":
             self.events.append(body)
+        elif topic == "gpu":
+            self.gpu = body
         try:
             frames = protocol.encode_message(self.seq, self.cfg.run.name or "", topic, body)
         except protocol.ProtocolError as e:
@@ -297,7 +300,7 @@ class Supervisor:
         return {"seq": self.seq, "state": self.state, "run": self.cfg.run.name, "status": status,
                 "config": {"model": self.cfg.model.name_or_path, "max_seq_len": self.cfg.data.max_seq_len,
                            "lora_r": self.cfg.lora.r, "learning_rate": self.cfg.train.learning_rate},
-                "metrics": protocol.downsample(self.metrics), "logs": list(self.logs),
+                "gpu": self.gpu, "metrics": protocol.downsample(self.metrics), "logs": list(self.logs),
                 "events": list(self.events)}
 
     def handle_worker_reply(self, frame: bytes) -> None:

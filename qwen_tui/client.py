@@ -120,7 +120,7 @@ class RunView:
         self.__dict__.update({**other.__dict__, **keep})
 
     def apply_snapshot(self, snap: dict) -> None:
-        self.replace(RunView(gpu=self.gpu))
+        self.replace(RunView(gpu=snap.get("gpu") or self.gpu))
         status = snap.get("status") or {}
         self.run, self.state = snap.get("run", ""), snap.get("state", "starting")
         self.model = (snap.get("config") or {}).get("model", "")
@@ -343,12 +343,13 @@ class Connection:
         self._thread.join(timeout=5)
         self.context.destroy(linger=0)
 
-    def drain(self, view: RunView) -> bool:
-        """Apply everything queued since the last call; True if anything was."""
+    def drain(self, view: RunView, wait: float = 0) -> bool:
+        """Apply everything queued since the last call; True if anything was. With `wait`, first
+        wait up to that many seconds for something to arrive."""
         changed = False
         while True:
             try:
-                kind, *item = self.updates.get_nowait()
+                kind, *item = self.updates.get(timeout=wait) if wait and not changed else self.updates.get_nowait()
             except queue.Empty:
                 return changed
             changed = True

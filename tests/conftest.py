@@ -1,9 +1,12 @@
 """Shared pytest fixtures."""
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+
+from shared.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,3 +26,23 @@ def builtin_cache_dir():
     yield Path(os.environ[CACHE_ENV])
     if not previous:
         os.environ.pop(CACHE_ENV, None)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory for the tiny model on 40 Chinese records: 40 steps, eval and checkpoints every 5."""
+    data = tmp_path / "qa.jsonl"
+    with data.open("w", encoding="utf-8") as f:
+        for i in range(40):
+            f.write(json.dumps({"instruction": f"第 {i} 题：SM4 与 AES 有何不同？",
+                                "output": f"<thinking>\n比较分组长度和轮数，第 {i} 次。\n</thinking>\n\n都用 128 位分组 {i}。"},
+                               ensure_ascii=False) + "\n")
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [
+        f"run.runs_root={tmp_path}", "run.name=d", f"data.paths=[{data}]", "data.max_seq_len=128",
+        f"data.terms={REPO_ROOT / 'data' / 'crypto_terms.tsv'}",
+        "train.max_steps=40", "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every_steps=5",
+        "checkpoint.every_steps=5", "train.inference_check_tokens=8"])
+    run = tmp_path / "d"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return run

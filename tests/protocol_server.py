@@ -34,6 +34,7 @@ class ProtocolServer:
         self.requests: list[dict] = []
         self.request_times: list[float] = []
         self.snapshots = 0
+        self.gpu: dict | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._changed = threading.Condition()
         self._closed = threading.Event()
@@ -58,6 +59,10 @@ class ProtocolServer:
     def publish(self, topic: str, body: dict, skip: bool = False) -> None:
         """Publish one message; `skip` loses it on the wire (its seq is used, nobody receives it)."""
         self._jobs.put((topic, body, skip))
+
+    def publish_raw(self, frames: list[bytes]) -> None:
+        """Send frames as they are (garbage), without a seq."""
+        self._jobs.put(("", frames, "raw"))
 
     def train_step(self, step: int, loss: float, skip: bool = False, **extra) -> None:
         self.publish("metrics", {"kind": "train", "step": step, "ts": time.time(), "total_steps": 100,
@@ -98,7 +103,10 @@ class ProtocolServer:
         finally:
             context.destroy(linger=0)
 
-    def _send(self, pub: zmq.Socket, topic: str, body: dict, skip: bool) -> None:
+    def _send(self, pub: zmq.Socket, topic: str, body, skip) -> None:
+        if skip == "raw":
+            pub.send_multipart(body)
+            return
         self.seq += 1
         ts = time.time()
         if topic == "metrics" and body.get("kind") == "train":
@@ -110,6 +118,8 @@ class ProtocolServer:
             self.events.append({**body, "ts": ts})
         elif topic == "state":
             self.status["state"] = body["state"]
+        elif topic == "gpu":
+            self.gpu = body
         if not skip:
             pub.send_multipart(protocol.encode_message(self.seq, self.run, topic, body, ts=ts))
         with self._changed:
@@ -131,7 +141,7 @@ class ProtocolServer:
         elif cmd == "snapshot":
             self.snapshots += 1
             result = {"seq": self.seq, "run": self.run, "state": status["state"], "status": dict(status),
-                      "config": {"model": "builtin:tiny-qwen3"}, "metrics": list(self.metrics),
+                      "config": {"model": "builtin:tiny-qwen3"}, "gpu": self.gpu, "metrics": list(self.metrics),
                       "logs": list(self.logs), "events": list(self.events)}
         else:
             result = self._apply(cmd, args, pub)
