@@ -57,16 +57,18 @@ class MetricChart(PlotextPlot):
         self._drawn, self._drawn_at = key, time.monotonic()
         name, title = MODES[self.mode]
         self.border_title = f"{title}  [dim](m: {' / '.join(t for _, t in MODES if t != title)})[/]"
+        self.border_subtitle = "step"
         buckets = max(8, 2 * (self.size.width - 10))  # braille: two dots per column
         plt = self.plt
         plt.clear_data()
-        plt.xlabel("step")
         steps = v.train["step"]
         if not steps:
             plt.title("waiting for the first step")
             self.refresh()
             return
         plt.title("")
+        ticks = sorted({int(round(steps[0] + (steps[-1] - steps[0]) * i / 4)) for i in range(5)})
+        plt.xticks(ticks, [str(t) for t in ticks])
         if name == "loss":
             plt.plot(*bucket_means(steps, v.train["loss"], buckets), marker="braille", color="gray", label="train")
             plt.plot(*bucket_means(steps, v.train["smoothed"], buckets), marker="braille", color="orange",

@@ -39,10 +39,15 @@ class RunHeader(Widget):
         total = v.total_steps or 0
         done = min(1.0, v.step / total) if total else 0.0
         eta = "paused" if v.state == "paused" else duration(v.eta_s())
-        batch = (f"batch {v.micro_batch_size}×{v.grad_accum}" + (f"×{v.processes}" if v.processes > 1 else "")
-                 + f"={v.global_batch}") if v.global_batch else "batch -"
-        figures = [f"epoch {v.epoch:.2f}" if v.epoch is not None else "epoch -",
-                   f"{number(v.tokens_per_s())} tok/s", batch, f"ETA {eta}", f"elapsed {duration(v.elapsed_s(self.now))}"]
+        tokens = v.tokens_per_s()
+        batch = (f"{v.micro_batch_size}×{v.grad_accum}" + (f"×{v.processes}" if v.processes > 1 else "")
+                 + f"={v.global_batch}") if v.global_batch else "-"
+        elapsed = duration(v.elapsed_s(self.now))
+        epoch = f"{v.epoch:.2f}" if v.epoch is not None else "-"
+        figures = [f"epoch {epoch}", f"{number(tokens)} tok/s", f"batch {batch}", f"ETA {eta}", f"elapsed {elapsed}"]
+        if sum(len(f) + 2 for f in figures) + 16 > width:  # narrow terminal: the short forms
+            short_tokens = "-" if tokens is None else f"{tokens / 1000:.1f}k" if tokens >= 1000 else f"{tokens:.0f}"
+            figures = [f"ep {epoch}", f"{short_tokens} tok/s", f"bs {batch}", f"ETA {eta}", f"up {elapsed}"]
         steps = f"step {v.step}/{total or '?'} {done:4.0%} "
         tail = "  ".join(figures)
         bar_width = width - len(steps) - len(tail) - 2
