@@ -19,6 +19,7 @@ import queue
 import re
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,9 @@ class RunView:
     micro_batch_size: int | None = None
     grad_accum: int | None = None
     processes: int = 1
-    train: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in ("step", "ts", "smoothed", *SERIES)})
+    # Float arrays, not lists: numpy reads them without a copy, so a 100,000-step chart costs what a
+    # 100-step one does.
+    train: dict[str, array] = field(default_factory=lambda: {k: array("d") for k in ("step", "ts", "smoothed", *SERIES)})
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
     logs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP_LOGS))

@@ -69,7 +69,7 @@ async def test_attach_shows_the_run_and_follows_it(server):
         await until(pilot, lambda: "out of memory" in text(app.query_one(EventsPane)))
         assert "batch 2×16=32" in text(app.query_one(RunHeader))
         assert "micro-batch now 2 x accumulation 16" in text(app.query_one(EventsPane))
-        assert app.query_one(MetricChart).view.train["step"] == [1, 2, 3, 4, 5, 6]
+        assert list(app.query_one(MetricChart).view.train["step"]) == [1, 2, 3, 4, 5, 6]
 
 
 async def test_every_key_steers_the_run(server):
@@ -168,7 +168,7 @@ async def test_a_gap_resyncs_and_a_restart_reconnects(server, tmp_path):
         server.train_step(6, 2.4, skip=True)
         server.train_step(7, 2.3)
         await until(pilot, lambda: app.view.step == 7)
-        assert app.view.train["step"] == [1, 2, 3, 4, 5, 6, 7] and app.connection.resyncs == 1
+        assert list(app.view.train["step"]) == [1, 2, 3, 4, 5, 6, 7] and app.connection.resyncs == 1
 
         server.close()
         await until(pilot, lambda: "reconnecting" in text(app.query_one(RunHeader)))
@@ -176,7 +176,7 @@ async def test_a_gap_resyncs_and_a_restart_reconnects(server, tmp_path):
         try:
             restarted.train_step(8, 2.2)
             await until(pilot, lambda: app.view.pid == 4242 and "[live]" in text(app.query_one(RunHeader)))
-            assert app.view.train["step"] == [8]
+            assert list(app.view.train["step"]) == [8]
         finally:
             restarted.close()
 

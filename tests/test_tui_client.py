@@ -44,8 +44,8 @@ def test_snapshot_then_live_updates_build_the_history(server):
         drain_until(connection, view, lambda v: v.step == 6 and v.gpu is not None)
     finally:
         connection.close()
-    assert view.train["step"] == [1, 2, 3, 4, 5, 6]
-    assert view.train["loss"] == pytest.approx([2.9, 2.8, 2.7, 2.6, 2.5, 2.0])
+    assert list(view.train["step"]) == [1, 2, 3, 4, 5, 6]
+    assert list(view.train["loss"]) == pytest.approx([2.9, 2.8, 2.7, 2.6, 2.5, 2.0])
     assert [line.message for line in view.logs] == ["早期日志"]
     assert (view.run, view.micro_batch_size, view.grad_accum, view.global_batch) == ("fake-run", 4, 8, 32)
 
@@ -60,7 +60,7 @@ def test_a_sequence_gap_triggers_a_resync_that_recovers_the_lost_message(server)
         drain_until(connection, view, lambda v: v.step == 3)
     finally:
         connection.close()
-    assert view.train["step"] == [1, 2, 3]  # step 2 came back with the new snapshot
+    assert list(view.train["step"]) == [1, 2, 3]  # step 2 came back with the new snapshot
     assert connection.resyncs == 1 and server.snapshots == 2
 
 
@@ -80,7 +80,7 @@ def test_a_restarted_daemon_is_followed_from_its_new_snapshot(tmp_path):
             second.close()
     finally:
         connection.close()
-    assert view.train["step"] == [7]
+    assert list(view.train["step"]) == [7]
 
 
 def test_malformed_telemetry_is_skipped_and_the_view_goes_on(server):
@@ -139,7 +139,7 @@ def test_a_dead_run_is_read_from_its_files(tmp_path):
             connection.call("pause")
     finally:
         connection.close()
-    assert view.train["step"] == [1, 2, 3, 4] and view.eval_steps == [2]
+    assert list(view.train["step"]) == [1, 2, 3, 4] and view.eval_steps == [2]
     assert (view.micro_batch_size, view.grad_accum, view.gpu_peak) == (1, 8, 5.5)
     assert "killed or crashed" in view.reason and view.state == "training"
     assert [line.level for line in view.logs] == ["INFO", "ERROR", "ERROR"]

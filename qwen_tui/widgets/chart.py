@@ -17,7 +17,7 @@ MIN_INTERVAL_S = 0.5  # replot at most twice a second, however fast metrics arri
 
 def bucket_means(xs, ys, buckets: int) -> tuple[np.ndarray, np.ndarray]:
     """At most `buckets` points: the mean x and y of equal runs of consecutive points; NaN skipped."""
-    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)  # no copy for array("d")
     finite = np.isfinite(ys)
     xs, ys = xs[finite], ys[finite]
     if len(xs) <= buckets:
@@ -58,7 +58,7 @@ class MetricChart(PlotextPlot):
         name, title = MODES[self.mode]
         self.border_title = f"{title}  [dim](m: {' / '.join(t for _, t in MODES if t != title)})[/]"
         self.border_subtitle = "step"
-        buckets = max(8, 2 * (self.size.width - 10))  # braille: two dots per column
+        buckets = max(8, self.size.width - 8)  # one point per column of the plot area
         plt = self.plt
         plt.clear_data()
         steps = v.train["step"]
@@ -67,7 +67,7 @@ class MetricChart(PlotextPlot):
             self.refresh()
             return
         plt.title("")
-        ticks = sorted({int(round(steps[0] + (steps[-1] - steps[0]) * i / 4)) for i in range(5)})
+        ticks = sorted({int(round(steps[0] + (steps[-1] - steps[0]) * i / 4)) for i in range(5)})  # whole steps
         plt.xticks(ticks, [str(t) for t in ticks])
         if name == "loss":
             plt.plot(*bucket_means(steps, v.train["loss"], buckets), marker="braille", color="gray", label="train")
