@@ -6,7 +6,7 @@
    against a server speaking the protocol (tests/protocol_server.py) that publishes 20 metric
    records, 5 log lines, one `gpu` sample and one heartbeat a second; the TUI process's CPU time
    (/proc/PID/stat) over the window, as a share of one core. Also with heartbeats only (idle).
-2. keys: `p` sent through tmux 20 times (pause, resume, ...): time from the key to the command's
+2. keys: `p` sent through tmux 40 times (pause, resume, ...): time from the key to the command's
    arrival at the server.
 3. chart: MetricChart's replot plus render in a 160x48 screen for 100, 10,000 and 100,000 steps of
    the same noisy curve (headless app).
@@ -82,11 +82,12 @@ def measure_terminal(seconds: float) -> dict:
         time.sleep(seconds / 2)  # heartbeats only
         idle = (cpu_seconds(pid) - before) / (time.monotonic() - wall)
 
-        latencies = []
-        for i in range(20):
+        latencies, tmux_cost = [], []
+        for i in range(40):
             count = len(server.requests)
             sent = time.perf_counter()
             subprocess.run([*tmux, "send-keys", "-t", "tui", "p"], check=True)
+            tmux_cost.append(time.perf_counter() - sent)
             assert server.wait_for(lambda s: len(s.requests) > count, timeout=10), "no command arrived"
             latencies.append(server.request_times[count] - sent)
             wanted = "paused" if i % 2 == 0 else "training"
@@ -97,7 +98,9 @@ def measure_terminal(seconds: float) -> dict:
                 time.sleep(0.05)
         return {"metrics_per_s": 20, "steps_published": step, "cpu_core_share_storm": round(busy, 4),
                 "cpu_core_share_idle": round(idle, 4), "key_to_command_ms_median": round(1000 * statistics.median(latencies), 1),
-                "key_to_command_ms_max": round(1000 * max(latencies), 1)}
+                "key_to_command_ms_p95": round(1000 * statistics.quantiles(latencies, n=20)[-1], 1),
+                "key_to_command_ms_max": round(1000 * max(latencies), 1),
+                "tmux_send_keys_ms_median": round(1000 * statistics.median(tmux_cost), 1)}
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
         server.close()
