@@ -95,6 +95,9 @@ class Supervisor:
         self.gpu: dict | None = None  # the last `gpu` body, for snapshots
         self.step = 0
         self.metrics: list[dict] = []
+        if resume:  # the history so far, so that a snapshot after `start --resume` shows the whole run
+            for record in runs.read_jsonl(run_dir / runs.METRICS):
+                self.add_metric(record)
         self.logs: collections.deque = collections.deque(maxlen=KEEP_LOGS)
         self.events: collections.deque = collections.deque(maxlen=KEEP_EVENTS)
         self.replies = protocol.ReplyCache()
@@ -176,17 +179,18 @@ class Supervisor:
 
     def publish(self, topic: str, body: dict[str, Any]) -> None:
         self.seq += 1
+        now = time.time()
         if topic == "metrics":
-            self.metrics.append(body)
+            self.add_metric(body)
             self.step = body.get("step", self.step)
         elif topic == "log":
-            self.logs.append(body)
+            self.logs.append({"ts": now, **body})  # the snapshot's lines carry their time
         elif topic == "event":
-            self.events.append(body)
+            self.events.append({"ts": now, **body})
         elif topic == "gpu":
             self.gpu = body
         try:
-            frames = protocol.encode_message(self.seq, self.cfg.run.name or "", topic, body)
+            frames = protocol.encode_message(self.seq, self.cfg.run.name or "", topic, body, ts=now)
         except protocol.ProtocolError as e:
             log.debug("not published (%s): %s", topic, e)
             return
@@ -195,6 +199,14 @@ class Supervisor:
                 pub.send_multipart(frames, flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass
+
+    def add_metric(self, record: dict[str, Any]) -> None:
+        """Append to the history; a train record that redoes a step (after a restart or a resume
+        from a checkpoint) first drops the records of that step and after."""
+        if record.get("kind") == "train":
+            while self.metrics and self.metrics[-1].get("step", 0) >= record.get("step", 0):
+                self.metrics.pop()
+        self.metrics.append(record)
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state == self.state:

@@ -34,6 +34,7 @@ SILENCE_S = 5.0          # no message at all for this long: the daemon is gone (
 SNAPSHOT_TIMEOUT_S = 5.0
 SMOOTHING = 0.9          # TensorBoard-style exponential moving average of the training loss
 SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
+DETOURS = {"evaluating", "saving"}
 
 
 @dataclass
@@ -150,6 +151,7 @@ class RunView:
             self._add_event(body, ts)
         elif topic == "state":
             self.state, self.reason = body.get("state", self.state), body.get("reason")
+            self._add_event({"kind": "state", "step": self.step, **body}, ts)
         elif topic == "heartbeat":
             self.state, self.step = body.get("state", self.state), body.get("step", self.step)
         self.last_ts = ts or self.last_ts
@@ -174,6 +176,8 @@ class RunView:
             return
         if record.get("kind") != "train":
             return
+        if self.train["step"] and record.get("step", 0) <= self.train["step"][-1]:
+            self._rewind(record.get("step", 0))  # a resume or a restart redoes steps after its checkpoint
         self._apply_status(record)
         self.gpu_peak = record.get("gpu_peak", self.gpu_peak)
         t = self.train
@@ -193,16 +197,28 @@ class RunView:
             weight = SMOOTHING * (1 - SMOOTHING ** n) / (1 - SMOOTHING ** (n + 1))
             t["smoothed"].append(weight * previous + (1 - weight) * loss)
 
+    def _rewind(self, step: int) -> None:
+        """Forget the records of `step` and after: they are being redone."""
+        keep = next(i for i, s in enumerate(self.train["step"]) if s >= step)
+        for series in self.train.values():
+            del series[keep:]
+        kept_evals = sum(1 for s in self.eval_steps if s < step)
+        del self.eval_steps[kept_evals:], self.eval_losses[kept_evals:]
+
     def _add_log(self, body: dict, ts: float | None) -> None:
         self.logs.append(LogLine(ts, str(body.get("level", "INFO")), str(body.get("logger", "")),
                                  str(body.get("message", "")), body.get("rank")))
         self.logs_total += 1
 
     def _add_event(self, body: dict, ts: float | None) -> None:
+        if body.get("kind") in DETOURS or body.get("kind") == "state" and {body.get("state"), body.get("previous")} & DETOURS:
+            return  # evaluations and saves come and go every few steps; the header shows them
         self.events.append({**body, "ts": ts if ts is not None else body.get("ts")})
         self.events_total += 1
         if body.get("kind") in ("oom_recovered", "command_applied", "resumed", "train_start"):
-            self._apply_status(body)  # the new batch size shows before the next metrics record
+            # The new batch size shows before the next metrics record (not the event's step: a
+            # run's files are read metrics first, then events).
+            self._apply_status({k: body.get(k) for k in ("micro_batch_size", "grad_accum", "total_steps")})
 
     # --- what the header shows -----------------------------------------------------------------------
 
@@ -226,7 +242,8 @@ class RunView:
 
     def eta_s(self) -> float | None:
         per_step = self.seconds_per_step()
-        if per_step is None or self.total_steps is None or self.state in protocol.FINAL_STATES:
+        if per_step is None or self.total_steps is None or self.state in protocol.FINAL_STATES \
+                or self.connection == "offline":
             return None
         return max(0, self.total_steps - self.step) * per_step
 
@@ -259,9 +276,9 @@ def load_run_files(run_dir: Path) -> RunView:
         view.model = str((config.get("model") or {}).get("name_or_path", ""))
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         pass
-    for record in _read_jsonl(run_dir / runs.METRICS):
+    for record in runs.read_jsonl(run_dir / runs.METRICS):
         view._add_metric(record)
-    for event in _read_jsonl(run_dir / runs.EVENTS):
+    for event in runs.read_jsonl(run_dir / runs.EVENTS):
         view._add_event(event, event.get("ts"))
         if event.get("kind") == "error" and view.reason is None:
             view.reason = event.get("message")
@@ -275,6 +292,8 @@ def load_run_files(run_dir: Path) -> RunView:
             view._add_log({"level": last.level, "logger": last.logger, "message": line}, last.ts)
     if view.state not in protocol.FINAL_STATES:
         view.reason = "the daemon is not running (it was killed or crashed); its last state was " + view.state
+    elif view.state == "failed" and view.reason is None:
+        view.reason = next((line.message for line in reversed(view.logs) if line.level in ("ERROR", "CRITICAL")), None)
     return view
 
 
@@ -283,22 +302,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash
-                if isinstance(record, dict):
-                    records.append(record)
-    except OSError:
-        pass
-    return records
 
 
 def _tail_lines(path: Path, count: int) -> list[str]:
@@ -497,10 +500,15 @@ def describe_event(event: dict) -> str:
         return f"{command} applied{extra}"
     if kind == "command_failed":
         return f"{event.get('command')} failed: {event.get('error')}"
-    if kind in ("train_start", "resumed"):
-        return (f"{'resumed' if kind == 'resumed' else 'training started'}: micro-batch "
+    if kind == "resumed":
+        return f"resumed from {Path(str(event.get('checkpoint', ''))).name} ({event.get('samples_seen')} samples seen)"
+    if kind == "train_start":
+        return (f"training {'continues' if event.get('resumed') else 'starts'}: micro-batch "
                 f"{event.get('micro_batch_size')} x accumulation {event.get('grad_accum')}, "
                 f"{event.get('total_steps', '?')} steps")
+    if kind == "state":
+        reason = f" ({event['reason']})" if event.get("reason") else ""
+        return f"{event.get('previous') or 'start'} → {event.get('state')}{reason}"
     if kind == "final_saved":
         return f"final adapter saved: {event.get('path')}"
     if kind == "inference_check":

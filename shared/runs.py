@@ -47,3 +47,20 @@ def live_runs(runs_root: str | Path = "runs") -> list[tuple[Path, dict]]:
     """Runs under runs_root whose daemon is alive, newest first, with their daemon.json."""
     found = [(run.parent, info) for run in Path(runs_root).glob(f"*/{DAEMON_JSON}") if (info := live_daemon(run.parent))]
     return sorted(found, key=lambda item: item[1].get("started_at", 0), reverse=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a line cut short by a crash is skipped."""
+    records = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
+    except OSError:
+        pass
+    return records

@@ -185,6 +185,9 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
         assert checkpoint_step >= 5 and checkpoint_step % 5 == 0
         resumed = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "resumed")
         assert resumed["body"]["step"] == checkpoint_step
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] == checkpoint_step + 1)
+        steps = [m["step"] for m in client.call("snapshot")["result"]["metrics"] if m["kind"] == "train"]
+        assert steps == list(range(1, checkpoint_step + 2))  # the redone steps replace the lost ones
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
     finally:

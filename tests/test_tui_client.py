@@ -126,8 +126,9 @@ def test_a_dead_run_is_read_from_its_files(tmp_path):
     records.insert(2, {"kind": "eval", "ts": 102.5, "step": 2, "eval_loss": 2.85})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr',
                                        encoding="utf-8")  # the last line cut short by the crash
-    (run / "events.jsonl").write_text(json.dumps({"ts": 103.0, "kind": "oom_recovered", "step": 3,
-                                                  "micro_batch_size": 1, "grad_accum": 8}) + "\n")
+    (run / "events.jsonl").write_text(
+        json.dumps({"ts": 100.0, "kind": "train_start", "step": 0, "micro_batch_size": 2, "grad_accum": 4}) + "\n"
+        + json.dumps({"ts": 103.0, "kind": "oom_recovered", "step": 3, "micro_batch_size": 1, "grad_accum": 8}) + "\n")
     (run / "daemon.log").write_text(
         "2026-11-23 10:00:00,123 INFO qwen_daemon.train.loop: 第 3 步：显存不足，批大小减半\n"
         "2026-11-23 10:00:01,000 ERROR qwen_daemon.supervisor: worker died\n"
@@ -144,7 +145,8 @@ def test_a_dead_run_is_read_from_its_files(tmp_path):
     assert "killed or crashed" in view.reason and view.state == "training"
     assert [line.level for line in view.logs] == ["INFO", "ERROR", "ERROR"]
     assert view.logs[0].message == "第 3 步：显存不足，批大小减半"
-    assert describe_event(view.events[0]) == "out of memory: micro-batch now 1 x accumulation 8"
+    assert view.step == 4 and view.eta_s() is None  # no ETA for a run nobody is running
+    assert describe_event(view.events[-1]) == "out of memory: micro-batch now 1 x accumulation 8"
     assert view.elapsed_s(now=10**10) == 4.0  # offline: up to the last record, not the clock
 
 
@@ -165,3 +167,14 @@ def test_endpoint_and_keys_arguments_are_checked(tmp_path):
         Endpoints.from_tcp("10.0.0.5:5555")
     with pytest.raises(ValueError, match="keys generate"):
         CurveKeys.load(tmp_path)
+
+
+def test_redone_steps_replace_the_lost_ones():
+    """A restart from checkpoint-4 redoes steps 5 and 6: the chart must not draw them twice."""
+    view = RunView()
+    for step, eval_loss in ((1, None), (2, None), (3, None), (4, 5.0), (5, None), (6, 4.5), (5, None), (6, 4.0), (7, None)):
+        view.apply("metrics", {"kind": "train", "step": step, "ts": float(step), "loss": 10.0 - step})
+        if eval_loss is not None:
+            view.apply("metrics", {"kind": "eval", "step": step, "eval_loss": eval_loss})
+    assert list(view.train["step"]) == [1, 2, 3, 4, 5, 6, 7] and len(view.train["smoothed"]) == 7
+    assert (view.eval_steps, view.eval_losses) == ([4, 6], [5.0, 4.0])

@@ -29,9 +29,11 @@ class RunHeader(Widget):
             return Text("connecting ...")
         state = Text.assemble(("● ", STATE_STYLES.get(v.state, "bold")), (v.state, STATE_STYLES.get(v.state, "bold")),
                               "  ", (v.run or "?", "bold"), "  ", (v.model, "dim"))
+        if v.reason and (v.state == "failed" or v.connection == "offline" and v.state not in ("finished", "stopped")):
+            state.append(f"  {v.reason}", style="red")
         link = Text(f"[{v.connection}{': ' + v.note if v.note and v.connection != 'live' else ''}]",
                     style=CONNECTION_STYLES.get(v.connection, ""))
-        link.truncate(max(10, width - state.cell_len - 2), overflow="ellipsis")
+        state.truncate(max(10, width - link.cell_len - 2), overflow="ellipsis")
         gap = max(1, width - state.cell_len - link.cell_len)
         first = Text.assemble(state, " " * gap, link)
         first.truncate(width, overflow="ellipsis")
