@@ -21,8 +21,10 @@ from shared import protocol
 
 class ProtocolServer:
     def __init__(self, control: str, telemetry: str, pid: int = 1001, run: str = "fake-run",
-                 heartbeat_s: float = protocol.HEARTBEAT_INTERVAL) -> None:
+                 heartbeat_s: float = protocol.HEARTBEAT_INTERVAL, curve_secret_key: bytes | None = None) -> None:
+        """`curve_secret_key`: serve CURVE-encrypted (any client that knows the server key gets in)."""
         self.control, self.telemetry, self.pid, self.run = control, telemetry, pid, run
+        self.curve_secret_key = curve_secret_key
         self.heartbeat_s = heartbeat_s
         self.seq = 0
         self.status = {"run": run, "state": "training", "step": 0, "total_steps": 100, "epoch": 0.0,
@@ -85,6 +87,8 @@ class ProtocolServer:
         context = zmq.Context()
         pub, router = context.socket(zmq.PUB), context.socket(zmq.ROUTER)
         pub.linger = router.linger = 0
+        for sock in (pub, router) if self.curve_secret_key else ():
+            sock.curve_secretkey, sock.curve_server = self.curve_secret_key, True
         pub.bind(self.telemetry)
         router.bind(self.control)
         self._bound.set()

@@ -53,3 +53,40 @@ def test_injected_oom_recovers_on_the_gpu(tmp_path, monkeypatch):
     (tmp_path / "oom").mkdir()
     state = loop.train(cfg, tmp_path / "oom")
     assert state.step == 3 and (state.micro_batch_size, state.grad_accum) == (1, 4)
+
+
+async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
+    """The daemon on the GPU with the TUI attached (Pilot): real NVML figures and the trainer's own
+    memory in the GPU panel, then p and s."""
+    import subprocess
+    import sys
+
+    from qwen_tui.app import QwenTUI
+    from qwen_tui.client import Connection
+    from qwen_tui.widgets.gpu_panel import GpuPanel
+    from test_tui_app import text, until
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"run.runs_root={tmp_path}", "run.name=tui",
+                                                        "train.max_steps=400", "train.inference_check_tokens=0"])
+    run = tmp_path / "tui"
+    run.mkdir()
+    (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        app = QwenTUI(Connection(run_dir=run).start())
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(pilot, lambda: app.view.step >= 3 and (app.view.gpu or {}).get("ranks"), timeout=300)
+            await pilot.pause(1.5)  # one more gpu sample with the trainer's memory
+            panel = text(app.query_one(GpuPanel))
+            print(panel)
+            gpu = app.view.gpu["gpus"][0]
+            assert panel.startswith(f"GPU{gpu['index']} ") and "█" in panel and "°C" in panel and "W" in panel
+            assert gpu["memory_used"] > app.view.gpu["ranks"][0]["reserved"] > 0
+            await pilot.press("p")
+            await until(pilot, lambda: app.view.state == "paused", timeout=60)
+            await pilot.press("s", "y")
+            await until(pilot, lambda: app.view.connection == "offline", timeout=120)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

@@ -178,3 +178,47 @@ def test_redone_steps_replace_the_lost_ones():
             view.apply("metrics", {"kind": "eval", "step": step, "eval_loss": eval_loss})
     assert list(view.train["step"]) == [1, 2, 3, 4, 5, 6, 7] and len(view.train["smoothed"]) == 7
     assert (view.eval_steps, view.eval_losses) == ([4, 6], [5.0, 4.0])
+
+
+def test_a_curve_endpoint_needs_the_keys(tmp_path):
+    import socket
+
+    import zmq.auth
+
+    from qwen_daemon.supervisor import generate_keys
+
+    generate_keys(tmp_path / "keys")
+    _, server_secret = zmq.auth.load_certificate(str(tmp_path / "keys" / "server.key_secret"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoints = Endpoints.from_tcp(f"tcp://127.0.0.1:{port}")
+    server = ProtocolServer(endpoints.control, endpoints.telemetry, curve_secret_key=server_secret).start()
+    try:
+        with_keys = Connection(endpoints=endpoints, keys=CurveKeys.load(tmp_path / "keys")).start()
+        without = Connection(endpoints=endpoints).start()
+        view, refused = RunView(), RunView()
+        try:
+            drain_until(with_keys, view, lambda v: v.connection == "live")
+            drain_until(without, refused, lambda v: v.connection == "reconnecting")  # its snapshot times out
+        finally:
+            with_keys.close()
+            without.close()
+    finally:
+        server.close()
+    assert view.run == "fake-run" and refused.run == ""
+
+
+def test_attach_with_no_live_run_says_what_to_do(tmp_path, capsys):
+    from qwen_tui.cli import main
+
+    assert main(["attach", "--runs-root", str(tmp_path)]) == 1
+    assert "no live run" in capsys.readouterr().err
+    (tmp_path / "old-run").mkdir()
+    (tmp_path / "old-run" / "config.yaml").write_text("{}")
+    assert main(["attach", "--runs-root", str(tmp_path)]) == 1
+    assert "qwen-tui attach old-run" in capsys.readouterr().err
+    assert main(["attach", "no-such-run", "--runs-root", str(tmp_path)]) == 1
+    assert "no run 'no-such-run'" in capsys.readouterr().err
+    assert main(["attach", "--endpoint", "localhost:5555"]) == 1
+    assert "tcp://HOST:PORT" in capsys.readouterr().err
