@@ -64,6 +64,7 @@ async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
     from qwen_tui.app import QwenTUI
     from qwen_tui.client import Connection
     from qwen_tui.widgets.gpu_panel import GpuPanel
+    from qwen_tui.widgets.header import RunHeader
     from test_tui_app import text, until
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"run.runs_root={tmp_path}", "run.name=tui",
@@ -79,7 +80,7 @@ async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
             await until(pilot, lambda: app.view.step >= 3 and (app.view.gpu or {}).get("ranks"), timeout=300)
             await pilot.pause(1.5)  # one more gpu sample with the trainer's memory
             panel = text(app.query_one(GpuPanel))
-            print(panel)
+            print(text(app.query_one(RunHeader)), panel, sep="\n")
             gpu = app.view.gpu["gpus"][0]
             assert panel.startswith(f"GPU{gpu['index']} ") and "█" in panel and "°C" in panel and "W" in panel
             assert gpu["memory_used"] > app.view.gpu["ranks"][0]["reserved"] > 0

@@ -22,8 +22,10 @@ def memory_bar(width: int, total: float, allocated: float = 0, reserved: float =
     """█ torch-allocated, ▓ reserved by torch's cache, ▒ used by anything else, ░ free."""
     if width <= 0 or not total:
         return Text()
-    cells = [int(round(width * min(total, x) / total)) for x in (allocated, max(reserved, allocated),
-                                                                  max(used, reserved, allocated))]
+    # A share that is not zero gets at least one cell: a small trainer is still visibly there.
+    cells = [max(int(round(width * min(total, x) / total)), 1 if x > 0 else 0)
+             for x in (allocated, max(reserved, allocated), max(used, reserved, allocated))]
+    cells = [min(c, width) for c in cells]
     fraction = used / total
     colour = "green" if fraction < 0.75 else "yellow" if fraction < 0.9 else "red"
     return Text.assemble(("█" * cells[0], colour), ("▓" * (cells[1] - cells[0]), colour),
