@@ -220,6 +220,14 @@ class RunView:
             # run's files are read metrics first, then events).
             self._apply_status({k: body.get(k) for k in ("micro_batch_size", "grad_accum", "total_steps")})
 
+    def since(self, shown: tuple[int, int], which: str) -> tuple[bool, list]:
+        """What a pane that has shown `shown` = (generation, total) of `which` ("logs" or "events")
+        lacks, and whether it must start afresh (the view was replaced since)."""
+        items, total = getattr(self, which), getattr(self, f"{which}_total")
+        fresh = shown[0] != self.generation
+        new = min(len(items), total - (total - len(items) if fresh else shown[1]))
+        return fresh, list(items)[len(items) - new:] if new > 0 else []
+
     # --- what the header shows -----------------------------------------------------------------------
 
     @property

@@ -29,12 +29,9 @@ class EventsPane(RichLog):
         self.border_title = "Events"
 
     def show(self, view: RunView) -> None:
-        generation, seen = self._shown
-        if generation != view.generation:
+        fresh, events = view.since(self._shown, "events")
+        if fresh:
             self.clear()
-            seen = view.events_total - len(view.events)
-        new = view.events_total - seen
-        if new > 0:
-            for event in list(view.events)[-min(new, len(view.events)):]:
-                self.write(format_event(event))
+        for event in events:
+            self.write(format_event(event))
         self._shown = (view.generation, view.events_total)

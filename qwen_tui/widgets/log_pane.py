@@ -49,14 +49,9 @@ class LogPane(RichLog):
         self.border_title = "Log" + (f"  [yellow]{label}[/]" if label else "") + "  [dim](l: level, /: search)[/]"
 
     def show(self, view: RunView) -> None:
-        generation, seen = self._shown
-        if generation != view.generation:
+        fresh, lines = view.since(self._shown, "logs")
+        if fresh:
             self.clear()
-            seen = view.logs_total - len(view.logs)
-        new = view.logs_total - seen
-        if new <= 0:
-            return
-        lines = list(view.logs)[-min(new, len(view.logs)):]
         for line in lines:
             if self.matches(line):
                 self.write(format_line(line))
