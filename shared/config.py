@@ -146,6 +146,10 @@ class LaunchConfig(_Section):
     num_processes: int | Literal["auto"] = "auto"
     """auto = one per visible GPU, else 1 on CPU."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto = nccl on GPUs, gloo on CPU."""
+    collective_timeout_s: int = Field(600, ge=10)
+    """A collective (gradient all-reduce, command broadcast) that waits longer fails the workers; the
+    daemon then restarts them from the newest checkpoint."""
 
     @field_validator("num_processes")
     @classmethod

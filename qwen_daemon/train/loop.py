@@ -14,6 +14,7 @@ of the whole step on all ranks.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from shared.config import Config
 
 log = logging.getLogger(__name__)
 
+BACKEND_ENV = "QWEN_DAEMON_BACKEND"  # overrides launch.backend (the supervisor resolves "auto")
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
 
@@ -68,6 +71,7 @@ class Run:
     stopping: bool = False
     injected_oom: dict[int, int] = field(default_factory=dict)
     saved_step: int | None = None
+    ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
     # Loss scaling, active only for float16 compute (GPUs without bf16); a no-op otherwise.
     scaler: Any = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
@@ -92,6 +96,8 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
         return _train(r, resume)
     finally:
         r.sinks.close()  # flush metrics and events, also when training fails
+        if r.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _train(r: Run, resume: bool) -> TrainState:
@@ -141,14 +147,18 @@ def _train(r: Run, resume: bool) -> TrainState:
 
 def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_sinks: tuple = ()) -> Run:
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world_size > 1:
-        # The rank slicing and loss normalisation below are ready; DDP wrapping and the command
-        # broadcast are not, so refuse rather than train ranks apart.
-        raise TrainingError("multi-process training is not available in this build yet; use launch.num_processes: 1")
     device = pick_device(rank)
-    seed_everything(cfg.train.seed)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        # A collective that waits longer than this fails the worker; the supervisor restarts them all.
+        torch.distributed.init_process_group(backend=backend(cfg, device),
+                                             timeout=timedelta(seconds=cfg.launch.collective_timeout_s))
+    seed_everything(cfg.train.seed)  # the same LoRA initialisation on every rank
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    if rank != 0:
+        barrier(world_size)  # rank 0 prepares the data (and fills the cache) first ...
     data = prepare_data(cfg, tokenizer)
+    if rank == 0:
+        barrier(world_size)  # ... then the others read it from the cache
     if rank == 0:
         (run_dir / runs.DATA_REPORT).write_text(json.dumps(data.report.to_dict(), ensure_ascii=False, indent=2),
                                                 encoding="utf-8")
@@ -156,11 +166,12 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     if len(splits["train"]) == 0:
         raise TrainingError(f"no training sample in {cfg.data.paths}; `qwen-daemon data check` shows why")
     model = load_model(cfg, device)
+    ddp = wrap_ddp(model, device) if world_size > 1 else None
     optimizer = make_optimizer(model, cfg)
     state = TrainState(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
     sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
     r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
-            world_size, rank, injected_oom=parse_injected_oom(os.environ.get(INJECT_OOM_ENV, "")))
+            world_size, rank, injected_oom=parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank), ddp=ddp)
     r.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(cfg, device) == torch.float16)
     r.total_steps = total_steps(r)
     r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
@@ -171,6 +182,27 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
         r.state = load_checkpoint(path, model, optimizer, r.scheduler)
         sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
     return r
+
+
+def backend(cfg: Config, device: torch.device) -> str:
+    chosen = os.environ.get(BACKEND_ENV) or cfg.launch.backend
+    return ("nccl" if device.type == "cuda" else "gloo") if chosen == "auto" else chosen
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def wrap_ddp(model, device: torch.device):
+    """DDP over the LoRA weights only: the frozen 4-bit base is the same on every rank (loaded from
+    the same files, or built from the same seed), so it is neither broadcast nor reduced."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = [name for name, p in model.named_parameters() if not p.requires_grad]
+    ignored += [name for name, _ in model.named_buffers()]  # rotary tables: computed, the same everywhere
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def pick_device(rank: int) -> torch.device:
@@ -254,14 +286,43 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
         torch.distributed.all_reduce(n)
         label_tokens = int(n.item())
     dtype = compute_dtype(r.cfg, r.device)
+    model = r.ddp or r.model
     total = torch.zeros((), device=r.device)
+    failed: torch.OutOfMemoryError | None = None
     for i, batch in enumerate(collated):
-        maybe_inject_oom(r, i)
-        inputs = {k: batch[k].to(r.device) for k in MODEL_INPUTS if k in batch}
-        with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
-        r.scaler.scale(loss).backward()
-        total += loss.detach()  # each micro-batch's share of the step's mean token loss
+        last = i == len(collated) - 1
+        if last and r.world_size > 1:
+            # Before the micro-batch whose forward and backward synchronise the ranks (DDP's
+            # collectives), every rank learns whether any rank ran out of memory in the ones
+            # before; then all recover the same way and redo the step. An OOM inside this last
+            # micro-batch leaves the others waiting in DDP's all-reduce: launch.collective_timeout_s
+            # then fails the workers and the supervisor restarts them from the newest checkpoint.
+            flag = torch.tensor([failed is not None], device=r.device, dtype=torch.int32)
+            torch.distributed.all_reduce(flag)
+            if flag.item():
+                raise failed or torch.OutOfMemoryError(f"out of memory on another rank at step {r.state.step + 1}")
+        try:
+            maybe_inject_oom(r, i)
+            if failed is not None:
+                continue  # on to the agreement without computing, so that no rank waits for us
+            inputs = {k: batch[k].to(r.device) for k in MODEL_INPUTS if k in batch}
+            # Gradients are reduced across ranks only in the last micro-batch's backward.
+            with contextlib.nullcontext() if last or r.ddp is None else r.ddp.no_sync():
+                with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
+                # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
+                # gradients over ranks, so scale by world_size to get their sum.
+                r.scaler.scale(loss * r.world_size).backward()
+            total += loss.detach()  # each micro-batch's share of the step's mean token loss
+        except torch.OutOfMemoryError as e:
+            if r.world_size == 1 or last:
+                raise
+            failed = e
+    if r.world_size > 1:
+        torch.distributed.all_reduce(total)  # the step's loss over all ranks
+        tokens = torch.tensor(sum(c["num_tokens"] for c in collated), device=r.device)
+        torch.distributed.all_reduce(tokens)
+        return total.item(), int(tokens.item())
     return total.item(), sum(c["num_tokens"] for c in collated)
 
 
@@ -290,10 +351,14 @@ def halved_divisor(micro_batch_size: int, global_batch: int) -> int | None:
     return next((m for m in range(micro_batch_size // 2, 0, -1) if global_batch % m == 0), None)
 
 
-def parse_injected_oom(spec: str) -> dict[int, int]:
-    """'3,7x2' -> {3: 1, 7: 2}: fault injection for tests (QWEN_DAEMON_INJECT_OOM)."""
+def parse_injected_oom(spec: str, rank: int = 0) -> dict[int, int]:
+    """'3,7x2' -> {3: 1, 7: 2}: fault injection for tests (QWEN_DAEMON_INJECT_OOM); '3@1' only on
+    rank 1 (every rank without '@')."""
     out: dict[int, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
+        part, _, on_rank = part.partition("@")
+        if on_rank and int(on_rank) != rank:
+            continue
         step, _, times = part.partition("x")
         out[int(step)] = int(times or 1)
     return out
@@ -363,9 +428,18 @@ def save(r: Run) -> Path | None:
 # --- commands at the step boundary --------------------------------------------------------------
 
 def apply_commands(r: Run) -> None:
-    """Apply what arrived since the last step; while paused, wait here for more."""
+    """Apply what arrived since the last step; while paused, wait here for more.
+
+    With several ranks, rank 0 takes the commands and broadcasts them (a tiny collective), so
+    every rank applies the same commands at the same step; only rank 0 answers them. While
+    paused the broadcast repeats every second, far inside the collective timeout."""
     while True:
-        for command in r.controls.take():
+        commands = r.controls.take() if r.is_main else []
+        if r.world_size > 1:
+            shared = [[(c.name, c.args) for c in commands]]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            commands = commands or [Command(name, args) for name, args in shared[0]]
+        for command in commands:
             try:
                 result = apply(r, command)
             except (ValueError, TrainingError) as e:
@@ -374,9 +448,11 @@ def apply_commands(r: Run) -> None:
             else:
                 command.future.set_result({"step": r.state.step, **result})
                 r.sinks.event("command_applied", step=r.state.step, command=command.name, **result)
+                log.info("rank %d: %s applied at step %d", r.rank, command.name, r.state.step)
         if not r.paused or r.stopping:
             return
-        r.controls.wait()
+        if r.is_main:
+            r.controls.wait(timeout=1.0 if r.world_size > 1 else None)
 
 
 def apply(r: Run, command: Command) -> dict[str, Any]:
