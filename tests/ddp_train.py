@@ -21,7 +21,6 @@ STEER_AFTER_STEP = 3  # after this step: set the micro-batch back to 2, and paus
 
 
 def main() -> None:
-    import faulthandler; faulthandler.dump_traceback_later(130, exit=True)
     run, rank = Path(sys.argv[1]), int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO, filename=run / f"rank{rank}.log", force=True,
                         format="%(levelname)s %(name)s: %(message)s")

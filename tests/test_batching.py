@@ -151,3 +151,11 @@ def test_no_attention_or_position_leakage_across_packed_samples(attn):
                 n = len(s["input_ids"])
                 torch.testing.assert_close(packed[row, offset:offset + n], alone, atol=1e-4, rtol=1e-4)
                 offset += n
+
+
+def test_every_rank_gets_the_same_number_of_micro_batches_at_the_end_of_an_epoch():
+    units = [[0], [1], [2]]  # three units left for two ranks at micro-batch 1, accumulation 2
+    rank0, position = step_plan(units, 0, micro_batch_size=1, grad_accum=2, world_size=2, rank=0)
+    rank1, _ = step_plan(units, 0, micro_batch_size=1, grad_accum=2, world_size=2, rank=1)
+    assert rank0 == [[[0]], [[2]]] and rank1 == [[[1]], []]  # rank 1 runs a zero-weight stand-in
+    assert position == 3

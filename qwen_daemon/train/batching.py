@@ -85,13 +85,15 @@ def step_plan(units: list[list[int]], start_sample: int, micro_batch_size: int, 
               world_size: int = 1, rank: int = 0) -> tuple[list[list[list[int]]], int]:
     """One optimizer step: this rank's micro-batches (each a list of units of sample indices) and
     the data position after the step, counted over all ranks. Each micro-batch spans
-    `micro_batch_size` units per rank; a step at the end of the epoch may be shorter."""
+    `micro_batch_size` units per rank; a step at the end of the epoch may be shorter. Every rank
+    gets the same number of micro-batches (their collectives must pair up): at the end of an
+    epoch a rank's share may be empty, and the loop runs a zero-weight stand-in for it."""
     u = unit_at(units, start_sample)
     per_micro = micro_batch_size * world_size
     step_units = units[u:u + per_micro * grad_accum]
     batches = [step_units[k:k + per_micro][rank * micro_batch_size:(rank + 1) * micro_batch_size]
                for k in range(0, len(step_units), per_micro)]
-    return [b for b in batches if b], start_sample + sum(len(unit) for unit in step_units)
+    return batches, start_sample + sum(len(unit) for unit in step_units)
 
 
 def collate(units: Sequence[Sequence[dict]], *, packing: bool, pad_token_id: int, flash_attention: bool = False) -> dict:

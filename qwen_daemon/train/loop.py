@@ -14,7 +14,6 @@ of the whole step on all ranks.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -276,17 +275,19 @@ def optimizer_step(r: Run, units: list[list[int]]) -> tuple[float, int]:
 
 def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     ds = r.splits["train"].select_columns(["input_ids", "prompt_len"])
-    collated = [collate([[ds[i] for i in unit] for unit in micro_batch], packing=r.cfg.data.packing,
+    # An empty share (a rank at the end of an epoch) becomes sample 0 with weight 0: the rank
+    # still runs the micro-batch, so that its collectives pair up with the other ranks'.
+    weights = [1.0 if micro_batch else 0.0 for micro_batch in batches]
+    collated = [collate([[ds[i] for i in unit] for unit in micro_batch or [[0]]], packing=r.cfg.data.packing,
                         pad_token_id=r.tokenizer.pad_token_id,
                         flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
                 for micro_batch in batches]
-    label_tokens = sum(c["num_label_tokens"] for c in collated)
+    label_tokens = sum(c["num_label_tokens"] for c, w in zip(collated, weights) if w)
     if r.world_size > 1:  # normalise by the whole step's label tokens on all ranks
         n = torch.tensor(label_tokens, device=r.device)
         torch.distributed.all_reduce(n)
         label_tokens = int(n.item())
     dtype = compute_dtype(r.cfg, r.device)
-    model = r.ddp or r.model
     total = torch.zeros((), device=r.device)
     failed: torch.OutOfMemoryError | None = None
     for i, batch in enumerate(collated):
@@ -306,13 +307,17 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             if failed is not None:
                 continue  # on to the agreement without computing, so that no rank waits for us
             inputs = {k: batch[k].to(r.device) for k in MODEL_INPUTS if k in batch}
-            # Gradients are reduced across ranks only in the last micro-batch's backward.
-            with contextlib.nullcontext() if last or r.ddp is None else r.ddp.no_sync():
-                with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
-                # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
-                # gradients over ranks, so scale by world_size to get their sum.
-                r.scaler.scale(loss * r.world_size).backward()
+            # Only the last micro-batch goes through DDP, whose backward reduces the gradients the
+            # step accumulated. The others call the model itself: like DDP's no_sync(), but with no
+            # collective at all (DDP's forward may rebuild its buckets, a broadcast), so that a rank
+            # that skips them after an OOM leaves nobody waiting.
+            model = r.ddp if last and r.ddp is not None else r.model
+            with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
+            # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
+            # gradients over ranks, so scale by world_size to get their sum.
+            loss = loss * weights[i]
+            r.scaler.scale(loss * r.world_size).backward()
             total += loss.detach()  # each micro-batch's share of the step's mean token loss
         except torch.OutOfMemoryError as e:
             if r.world_size == 1 or last:
@@ -320,10 +325,12 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             failed = e
     if r.world_size > 1:
         torch.distributed.all_reduce(total)  # the step's loss over all ranks
-        tokens = torch.tensor(sum(c["num_tokens"] for c in collated), device=r.device)
-        torch.distributed.all_reduce(tokens)
-        return total.item(), int(tokens.item())
-    return total.item(), sum(c["num_tokens"] for c in collated)
+    tokens = sum(c["num_tokens"] for c, w in zip(collated, weights) if w)
+    if r.world_size > 1:
+        counted = torch.tensor(tokens, device=r.device)
+        torch.distributed.all_reduce(counted)
+        tokens = int(counted.item())
+    return total.item(), tokens
 
 
 def recover_from_oom(r: Run, error: Exception) -> None:
