@@ -34,7 +34,7 @@ import zmq
 
 from shared import protocol, runs
 from shared.config import load_config
-from qwen_daemon import gpu, worker
+from qwen_daemon import gpu, launch, worker
 
 log = logging.getLogger("qwen_daemon.supervisor")
 
@@ -223,12 +223,25 @@ class Supervisor:
     def spawn(self, resume: bool) -> None:
         env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
                worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1"}
+        env[launch.BACKEND_ENV] = launch.backend(self.cfg)
         # QWEN_DAEMON_WORKER_MODULE: another worker program (the telemetry benchmark's synthetic one).
         module = os.environ.get("QWEN_DAEMON_WORKER_MODULE", "qwen_daemon.worker")
-        cmd = [sys.executable, "-m", module, str(self.run_dir)] + (["--resume"] if resume else [])
+        cmd = launch.worker_command(self.run_dir, resume, self.cfg, module)
+        self.reported = set()  # what this worker (group) said of its end: error, stopped
         self.worker = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                        stdout=open(self.run_dir / runs.DAEMON_LOG, "ab"), stderr=subprocess.STDOUT)
         self.set_state("loading", f"worker pid {self.worker.pid}")
+
+    def stop_worker(self) -> None:
+        """Stop at the next step boundary with a checkpoint: a signal for one worker; for a group,
+        the stop command to rank 0 (torchrun's agent would kill the ranks on a signal)."""
+        if launch.processes(self.cfg) == 1:
+            self.worker.send_signal(signal.SIGTERM)
+            return
+        try:
+            self.pair.send(msgpack.packb({"id": 0, "cmd": "stop", "args": {}}), flags=zmq.NOBLOCK)
+        except zmq.Again:  # rank 0 is not listening yet (still loading): nothing to save
+            self.worker.send_signal(signal.SIGTERM)
 
     def on_worker_exit(self, code: int) -> bool:
         """Decide what a worker's exit means; False = the supervisor is done."""
@@ -241,21 +254,21 @@ class Supervisor:
         if code == worker.EXIT_FINISHED:
             self.set_state("finished")
             return False
-        if code == worker.EXIT_STOPPED or self.stopping:
-            self.set_state("stopped")
+        if code == worker.EXIT_STOPPED or self.stopping or "stopped" in self.reported:
+            self.set_state("stopped")  # (torchrun's agent turns a rank's exit code 10 into 1)
             return False
         from qwen_daemon.train.checkpoint import latest_valid_checkpoint
 
-        # EXIT_FAILED: the worker said why (bad data, OOM at micro-batch 1, ...); a restart would
-        # fail the same way. Anything else (killed, segfault) is worth a restart.
-        if code != worker.EXIT_FAILED and self.restarts < self.cfg.daemon.max_restarts:
+        # An `error` event: the worker said why (bad data, OOM at micro-batch 1, ...); a restart
+        # would fail the same way. Anything else (killed, a crash, a dead rank) is worth a restart.
+        if "error" not in self.reported and self.restarts < self.cfg.daemon.max_restarts:
             self.restarts += 1
             checkpoint = latest_valid_checkpoint(self.run_dir)
             self.publish("event", {"kind": "worker_restarted", "exit_code": code, "restart": self.restarts,
                                    "checkpoint": str(checkpoint) if checkpoint else None, "ts": time.time()})
             self.spawn(resume=checkpoint is not None)
             return True
-        errors = [e["message"] for e in self.events if e.get("kind") == "error"]
+        errors = [e["message"] for e in self.events if e.get("kind") in ("error", "crash")]
         self.set_state("failed", errors[-1] if errors else f"worker exited with code {code} "
                                                           f"after {self.restarts} restart(s)")
         return False
@@ -336,6 +349,8 @@ class Supervisor:
             self.ranks[body["rank"]] = body
             return
         self.follow_state(topic, body)
+        if topic == "event" and body.get("kind") in ("error", "stopped"):
+            self.reported.add(body["kind"])
         if self.foreground and topic == "log":
             print(f"{body.get('level', '')} {body.get('logger', '')}: {body.get('message', '')}", file=sys.stderr)
         self.publish(topic, body)
@@ -379,7 +394,7 @@ class Supervisor:
             if stop_requested and not self.stopping:
                 self.stopping = True
                 log.warning("signal %d: stopping the run at the next step boundary", stop_requested[0])
-                self.worker.send_signal(signal.SIGTERM)
+                self.stop_worker()
             timeout = max(0.0, next_tick - time.monotonic())
             for sock, _ in poller.poll(timeout * 1000):
                 if sock in self.routers:

@@ -32,6 +32,7 @@ from shared import runs
 from shared.config import load_config
 
 EXIT_FINISHED, EXIT_STOPPED, EXIT_FAILED = 0, 10, 1
+RANK = int(os.environ.get("RANK", 0))
 TELEMETRY_ENV = "QWEN_DAEMON_WORKER_TELEMETRY"  # supervisor's PULL endpoint
 CONTROL_ENV = "QWEN_DAEMON_WORKER_CONTROL"  # supervisor's PAIR endpoint
 QUEUE_SIZE = 10_000
@@ -94,7 +95,7 @@ class TelemetryLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.telemetry.send("log", {"level": record.levelname, "logger": record.name,
-                                        "message": record.getMessage()[:4000], "rank": 0, "ts": record.created})
+                                        "message": record.getMessage()[:4000], "rank": RANK, "ts": record.created})
         except Exception:  # noqa: BLE001 - logging must never raise into the loop
             self.handleError(record)
 
@@ -105,10 +106,13 @@ def torch_device_index() -> int:
 
 def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event,
                    telemetry: Telemetry) -> None:
-    """Command thread: requests from the supervisor -> Controls; replies once applied. Also sends
-    this process's torch memory figures once a second."""
+    """Command thread: requests from the supervisor -> Controls; replies once applied (rank 0 only:
+    the loop broadcasts commands to the other ranks). Also sends this process's torch memory
+    figures once a second (every rank)."""
+    rank = int(os.environ.get("RANK", 0))
     sock = context.socket(zmq.PAIR)
-    sock.connect(endpoint)
+    if rank == 0:
+        sock.connect(endpoint)
     replies: queue.Queue = queue.Queue()
     calls = {"pause": lambda a: controls.pause(a.get("release_memory", False)),
              "resume": lambda a: controls.resume(), "checkpoint": lambda a: controls.checkpoint(),
@@ -120,9 +124,10 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
         if time.monotonic() >= next_memory:  # this process's torch memory, once a second, for the gpu topic
             next_memory = time.monotonic() + 1.0
             if memory := gpu.torch_memory(torch_device_index()):
-                telemetry.send("rank", {"rank": int(os.environ.get("RANK", 0)), "index": torch_device_index(),
-                                        **memory})
-        if sock.poll(100):
+                telemetry.send("rank", {"rank": rank, "index": torch_device_index(), "pid": os.getpid(), **memory})
+        if rank != 0:
+            stop.wait(0.1)
+        elif sock.poll(100):
             request = msgpack.unpackb(sock.recv(), raw=False)
             future = calls[request["cmd"]](request.get("args") or {})
             future.add_done_callback(lambda f, id=request["id"]: replies.put((id, f)))
@@ -154,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
     controls = Controls()
-    # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit (the supervisor forwards them).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: controls.stop())
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        # SIGTERM/SIGINT: checkpoint at the next step boundary, then exit (the supervisor forwards
+        # them). Under torchrun a SIGTERM is the agent tearing the group down: it just ends us.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: controls.stop())
     stop = threading.Event()
     commands = threading.Thread(target=serve_commands, args=(context, os.environ[CONTROL_ENV], controls, stop,
                                                              telemetry),
@@ -170,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         telemetry.send("event", {"kind": "error", "message": str(e)})
     except Exception as e:  # noqa: BLE001 - report anything, then fail loudly
+        # Not one of our own errors: a crash, or a collective that failed because another rank
+        # died or hung. Worth a restart from the newest checkpoint (the supervisor decides).
         log.exception("training failed")
-        telemetry.send("event", {"kind": "error", "message": f"{type(e).__name__}: {e}"})
+        telemetry.send("event", {"kind": "crash", "message": f"{type(e).__name__}: {e}"})
     finally:
         stop.set()
         commands.join(5)

@@ -521,8 +521,8 @@ def describe_event(event: dict) -> str:
         return f"final adapter saved: {event.get('path')}"
     if kind == "inference_check":
         return f"inference check: {len(event.get('answers') or [])} answers in inference.jsonl"
-    if kind == "error":
-        return f"error: {event.get('message')}"
+    if kind in ("error", "crash"):
+        return f"{kind}: {event.get('message')}"
     if kind == "straggler":
         return f"rank {event.get('rank')} is {event.get('slower_pct', '?')}% slower than the median"
     return kind.replace("_", " ")

@@ -147,6 +147,9 @@ class LaunchConfig(_Section):
     """auto = one per visible GPU, else 1 on CPU."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto = nccl on GPUs, gloo on CPU."""
+    torchrun_args: list[str] = Field(default_factory=list)
+    """Options passed to torch.distributed.run, e.g. for several nodes: ["--nnodes=2", "--node-rank=0",
+    "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500"]. Empty: one node (--standalone)."""
     collective_timeout_s: int = Field(600, ge=10)
     """A collective (gradient all-reduce, command broadcast) that waits longer fails the workers; the
     daemon then restarts them from the newest checkpoint."""

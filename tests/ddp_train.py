@@ -49,7 +49,7 @@ def main() -> None:
         finish(r)
 
     loop.finish = record_and_finish
-    loop.train(load_config(run / "config.yaml"), run, controls, sinks=(Steer(),))
+    loop.train(load_config(run / "config.yaml"), run, controls, resume="--resume" in sys.argv, sinks=(Steer(),))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ def make_run(run_dir, name, *settings):
     return run
 
 
-def run_script(run, processes, new_micro_batch, env=None):
+def run_script(run, processes, new_micro_batch, env=None, extra=()):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
                 if processes > 1 else [sys.executable])
-    result = subprocess.run([*launcher, SCRIPT, str(run), str(new_micro_batch)], capture_output=True, text=True,
+    result = subprocess.run([*launcher, SCRIPT, str(run), str(new_micro_batch), *extra], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((run / f"state-rank{r}.json").read_text()) for r in range(processes)]
@@ -61,3 +61,64 @@ def test_two_ranks_train_like_one_process_through_an_oom_a_pause_and_a_batch_siz
             assert f"rank {rank}: {command} applied at step 3" in log
     steps = [m["step"] for m in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]  # written once, by rank 0
+
+
+def test_the_daemon_trains_two_ranks_steers_them_and_restarts_them_after_one_is_killed(run_dir):
+    import signal
+    from pathlib import Path
+
+    from test_daemon import TIMEOUT_MS, start_supervisor, with_listen, worker_pid
+
+    with_listen(run_dir, "launch.num_processes=2", "train.max_steps=60", "checkpoint.every_steps=4")
+    proc, client = start_supervisor(run_dir)
+    try:
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"].get("step") == 2)
+        paused = client.call("pause")["result"]
+        changed = client.call("set_batch_size", micro_batch_size=1)["result"]
+        assert changed == {"step": paused["step"], "micro_batch_size": 1, "grad_accum": 4, "global_batch": 8}
+        assert client.call("status")["result"]["processes"] == 2
+        client.call("resume")
+        client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "checkpoint")
+
+        agent = worker_pid(client)  # torchrun's agent; its children are the ranks
+        ranks = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+        assert len(ranks) == 2
+        os.kill(int(ranks[1]), signal.SIGKILL)
+        restarted = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "worker_restarted")
+        step = int(restarted["body"]["checkpoint"].rsplit("-", 1)[1])
+        resumed = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "resumed")
+        assert resumed["body"]["step"] == step
+        after = client.wait_for(lambda m: m["topic"] == "metrics" and m["body"].get("kind") == "train")
+        assert after["body"]["step"] == step + 1 and after["body"]["processes"] == 2
+        assert (after["body"]["micro_batch_size"], after["body"]["grad_accum"]) == (1, 4)  # from the checkpoint
+        assert client.call("stop")["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+    assert json.loads((run_dir / "daemon.json").read_text())["state"] == "stopped"
+
+
+def test_a_rank_slower_than_the_others_for_five_steps_is_reported():
+    from types import SimpleNamespace
+
+    from qwen_daemon.train.loop import watch_stragglers
+
+    events = []
+    r = SimpleNamespace(slow_steps={}, state=SimpleNamespace(step=0),
+                        sinks=SimpleNamespace(event=lambda kind, **data: events.append((kind, data))))
+    for step in range(1, 9):
+        r.state.step = step
+        watch_stragglers(r, [1.0, 1.3 if step != 2 else 1.0, 1.05])  # rank 1: 30% slower, once not
+    assert events == [("straggler", {"step": 7, "rank": 1, "slower_pct": 27, "steps": 5})]
+
+
+def test_a_run_of_two_ranks_resumes_on_one_with_the_same_global_batch_and_data_position(run_dir):
+    run = make_run(run_dir, "resumed", "train.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=3")
+    run_script(run, 2, new_micro_batch=2)  # 3 steps at 2 x 2 x 2 ranks; the last one is checkpointed
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 3", "max_steps: 6"))
+    [resumed] = run_script(run, 1, new_micro_batch=8, extra=["--resume"])
+    reference = make_run(run_dir, "reference", "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=6")
+    [straight] = run_script(reference, 1, new_micro_batch=4)
+    assert resumed == {"step": 6, "micro_batch_size": 2, "grad_accum": 4, "samples_seen": straight["samples_seen"]}

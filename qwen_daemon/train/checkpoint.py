@@ -74,8 +74,9 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     samples_in_epoch: int = 0  # data position: samples of this epoch already consumed
     samples_seen: int = 0  # samples consumed since the start of the run
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # per process
     grad_accum: int = 1
+    processes: int = 1  # ranks that trained; a resume with another number keeps the global batch
     eval_loss: float | None = None  # latest validation loss
     best_eval_loss: float | None = None
     best_step: int | None = None

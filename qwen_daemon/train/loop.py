@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from qwen_daemon.launch import BACKEND_ENV
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
 from qwen_daemon.train.checkpoint import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from qwen_daemon.train.controls import Command, Controls
@@ -39,7 +41,7 @@ from shared.config import Config
 
 log = logging.getLogger(__name__)
 
-BACKEND_ENV = "QWEN_DAEMON_BACKEND"  # overrides launch.backend (the supervisor resolves "auto")
+STRAGGLER_RATIO, STRAGGLER_STEPS = 1.2, 5
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
 
@@ -71,6 +73,8 @@ class Run:
     injected_oom: dict[int, int] = field(default_factory=dict)
     saved_step: int | None = None
     ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
+    busy: float = 0.0  # this rank's compute seconds in the last step
+    slow_steps: dict[int, int] = field(default_factory=dict)  # rank -> steps in a row it was slow
     # Loss scaling, active only for float16 compute (GPUs without bf16); a no-op otherwise.
     scaler: Any = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
 
@@ -121,6 +125,8 @@ def _train(r: Run, resume: bool) -> TrainState:
         r.optimizer.zero_grad(set_to_none=True)
         r.state.step += 1
         elapsed = time.perf_counter() - started
+        busy = rank_figures(r, r.busy)
+        watch_stragglers(r, busy)
         r.sinks.metrics({
             "kind": "train", "ts": time.time(), "step": r.state.step, "total_steps": r.total_steps,
             "epoch": r.state.epoch + r.state.samples_in_epoch / max(1, sum(map(len, units))),
@@ -128,6 +134,7 @@ def _train(r: Run, resume: bool) -> TrainState:
             "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time": elapsed,
             "samples_seen": r.state.samples_seen, "micro_batch_size": r.state.micro_batch_size,
             "grad_accum": r.state.grad_accum, "processes": r.world_size, **gpu_memory(r.device),
+            **({"rank_compute_s": busy} if r.world_size > 1 else {}),
         })
         if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
             evaluate(r)
@@ -180,6 +187,9 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
             raise TrainingError(f"nothing to resume: no valid checkpoint in {run_dir / 'checkpoints'}")
         r.state = load_checkpoint(path, model, optimizer, r.scheduler)
         sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
+        if r.state.processes != world_size:
+            keep_global_batch(r)
+    r.state.processes = world_size
     return r
 
 
@@ -202,6 +212,23 @@ def wrap_ddp(model, device: torch.device):
     ignored += [name for name, _ in model.named_buffers()]  # rotary tables: computed, the same everywhere
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def keep_global_batch(r: Run) -> None:
+    """Resumed with another number of processes: the same global batch, with the accumulation
+    (or, failing that, the micro-batch) recomputed; the data position is global, so no sample is
+    skipped or repeated either way."""
+    s = r.state
+    global_batch = s.micro_batch_size * s.grad_accum * s.processes
+    per_rank, rest = divmod(global_batch, r.world_size)
+    if rest:
+        log.warning("resumed on %d processes (trained on %d): the global batch %d does not divide; it becomes %d",
+                    r.world_size, s.processes, global_batch, s.micro_batch_size * s.grad_accum * r.world_size)
+        return
+    s.micro_batch_size = next(m for m in range(min(s.micro_batch_size, per_rank), 0, -1) if per_rank % m == 0)
+    s.grad_accum = per_rank // s.micro_batch_size
+    log.info("resumed on %d processes (trained on %d): micro-batch %d x accumulation %d keeps the global batch %d",
+             r.world_size, s.processes, s.micro_batch_size, s.grad_accum, global_batch)
 
 
 def pick_device(rank: int) -> torch.device:
@@ -290,6 +317,7 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     dtype = compute_dtype(r.cfg, r.device)
     total = torch.zeros((), device=r.device)
     failed: torch.OutOfMemoryError | None = None
+    busy = 0.0  # this rank's own compute time, for the straggler watch
     for i, batch in enumerate(collated):
         last = i == len(collated) - 1
         if last and r.world_size > 1:
@@ -312,11 +340,14 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             # collective at all (DDP's forward may rebuild its buckets, a broadcast), so that a rank
             # that skips them after an OOM leaves nobody waiting.
             model = r.ddp if last and r.ddp is not None else r.model
+            began = time.perf_counter()
             with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
             # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
             # gradients over ranks, so scale by world_size to get their sum.
             loss = loss * weights[i]
+            if not last:  # (the last backward includes waiting for the other ranks)
+                busy += time.perf_counter() - began
             r.scaler.scale(loss * r.world_size).backward()
             total += loss.detach()  # each micro-batch's share of the step's mean token loss
         except torch.OutOfMemoryError as e:
@@ -325,12 +356,36 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             failed = e
     if r.world_size > 1:
         torch.distributed.all_reduce(total)  # the step's loss over all ranks
+    r.busy = busy
     tokens = sum(c["num_tokens"] for c, w in zip(collated, weights) if w)
     if r.world_size > 1:
         counted = torch.tensor(tokens, device=r.device)
         torch.distributed.all_reduce(counted)
         tokens = int(counted.item())
     return total.item(), tokens
+
+
+def rank_figures(r: Run, value: float) -> list[float]:
+    """`value` from every rank, in rank order (a tiny all_gather once per step)."""
+    if r.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * r.world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def watch_stragglers(r: Run, compute_s: list[float]) -> None:
+    """A `straggler` event when a rank's compute time is more than 20% above the median of the
+    other ranks' for STRAGGLER_STEPS steps in a row (once per such stretch)."""
+    if len(compute_s) < 2:
+        return
+    for rank, own in enumerate(compute_s):
+        others = statistics.median(t for k, t in enumerate(compute_s) if k != rank)
+        slow = others > 0 and own > STRAGGLER_RATIO * others
+        r.slow_steps[rank] = r.slow_steps.get(rank, 0) + 1 if slow else 0
+        if r.slow_steps[rank] == STRAGGLER_STEPS:
+            r.sinks.event("straggler", step=r.state.step, rank=rank, slower_pct=round(100 * (own / others - 1)),
+                          steps=STRAGGLER_STEPS)
 
 
 def recover_from_oom(r: Run, error: Exception) -> None:

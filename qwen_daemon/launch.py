@@ -1,0 +1,39 @@
+"""How the supervisor starts the trainers: one plain process, or torch.distributed.run (torchrun's
+elastic agent) for several. The agent does no restarts of its own (`--max-restarts 0`): when a
+rank dies it tears the group down and exits, and the supervisor restarts the whole group from the
+newest checkpoint, which it also does for a single worker."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from qwen_daemon import gpu
+from shared.config import Config
+
+BACKEND_ENV = "QWEN_DAEMON_BACKEND"  # the backend the supervisor chose, for the workers
+
+
+def processes(cfg: Config) -> int:
+    """launch.num_processes, with auto = one per visible GPU (CUDA_VISIBLE_DEVICES respected), 1 on CPU."""
+    if cfg.launch.num_processes != "auto":
+        return cfg.launch.num_processes
+    return max(1, len(gpu.sample()["gpus"]))
+
+
+def backend(cfg: Config) -> str:
+    if cfg.launch.backend != "auto":
+        return cfg.launch.backend
+    return "nccl" if gpu.sample()["gpus"] else "gloo"
+
+
+def worker_command(run_dir: Path, resume: bool, cfg: Config, module: str = "qwen_daemon.worker") -> list[str]:
+    worker = ["-m", module, str(run_dir)] + (["--resume"] if resume else [])
+    n = processes(cfg)
+    if n == 1 and not cfg.launch.torchrun_args:
+        return [sys.executable, *worker]
+    # One node unless the config passes torchrun's rendezvous options (--nnodes, --node-rank,
+    # --rdzv-backend, --rdzv-endpoint, ...) for several.
+    rendezvous = cfg.launch.torchrun_args or ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--max-restarts=0",
+            *rendezvous, *worker]
