@@ -12,6 +12,7 @@ from qwen_daemon import gpu
 from shared.config import Config
 
 BACKEND_ENV = "QWEN_DAEMON_BACKEND"  # the backend the supervisor chose, for the workers
+RESTARTS_ENV = "QWEN_DAEMON_RESTARTS"  # how many times the workers were restarted (0 at first)
 
 
 def processes(cfg: Config) -> int:

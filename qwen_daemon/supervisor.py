@@ -224,6 +224,7 @@ class Supervisor:
         env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
                worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1"}
         env[launch.BACKEND_ENV] = launch.backend(self.cfg)
+        env[launch.RESTARTS_ENV] = str(self.restarts)
         # QWEN_DAEMON_WORKER_MODULE: another worker program (the telemetry benchmark's synthetic one).
         module = os.environ.get("QWEN_DAEMON_WORKER_MODULE", "qwen_daemon.worker")
         cmd = launch.worker_command(self.run_dir, resume, self.cfg, module)

@@ -113,6 +113,7 @@ def test_a_rank_slower_than_the_others_for_five_steps_is_reported():
     assert events == [("straggler", {"step": 7, "rank": 1, "slower_pct": 27, "steps": 5})]
 
 
+@pytest.mark.slow  # ~80 s; run with -m slow
 def test_a_run_of_two_ranks_resumes_on_one_with_the_same_global_batch_and_data_position(run_dir):
     run = make_run(run_dir, "resumed", "train.micro_batch_size=2", "train.grad_accum=2", "train.max_steps=3")
     run_script(run, 2, new_micro_batch=2)  # 3 steps at 2 x 2 x 2 ranks; the last one is checkpointed
@@ -122,3 +123,43 @@ def test_a_run_of_two_ranks_resumes_on_one_with_the_same_global_batch_and_data_p
     reference = make_run(run_dir, "reference", "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=6")
     [straight] = run_script(reference, 1, new_micro_batch=4)
     assert resumed == {"step": 6, "micro_batch_size": 2, "grad_accum": 4, "samples_seen": straight["samples_seen"]}
+
+
+def run_daemon_until_restarted(run_dir, *settings):
+    """Start the daemon with two ranks; return the restart event, the first step after it, and
+    the events before it, once the run has been stopped."""
+    from test_daemon import TIMEOUT_MS, start_supervisor, with_listen
+
+    with_listen(run_dir, "launch.num_processes=2", "train.max_steps=60", "checkpoint.every_steps=2", *settings)
+    proc, client = start_supervisor(run_dir)
+    try:
+        restarted = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "worker_restarted")
+        after = client.wait_for(lambda m: m["topic"] == "metrics" and m["body"].get("kind") == "train")
+        events = [e for e in client.call("snapshot")["result"]["events"]]
+        assert client.call("stop")["ok"]
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    finally:
+        proc.kill()
+        client.close()
+    return restarted["body"], after["body"], events
+
+
+@pytest.mark.slow  # ~80 s; run with -m slow
+def test_an_oom_in_the_synchronising_micro_batch_restarts_every_rank_with_half_the_micro_batch(run_dir, monkeypatch):
+    # Accumulation 1: the only micro-batch is the one whose backward all-reduces, so rank 1's OOM
+    # at step 3 cannot be agreed in place; the group restarts from checkpoint-2 at micro-batch 1.
+    monkeypatch.setenv("QWEN_DAEMON_INJECT_OOM", "3@1")
+    restarted, after, events = run_daemon_until_restarted(run_dir, "train.micro_batch_size=2", "train.grad_accum=1")
+    assert restarted["checkpoint"].endswith("checkpoint-2")
+    assert (after["step"], after["micro_batch_size"], after["grad_accum"]) == (3, 1, 2)
+    recovered = [e for e in events if e.get("kind") == "oom_recovered"]
+    assert recovered[-1]["restarted"] is True and recovered[-1]["micro_batch_size"] == 1
+    assert not (run_dir / "restart_batch.json").exists()
+
+
+@pytest.mark.slow  # ~80 s; run with -m slow
+def test_a_rank_that_stops_answering_is_restarted_after_the_collective_timeout(run_dir, monkeypatch):
+    monkeypatch.setenv("QWEN_DAEMON_INJECT_HANG", "3@1")
+    restarted, after, events = run_daemon_until_restarted(run_dir, "launch.collective_timeout_s=10")
+    assert restarted["checkpoint"].endswith("checkpoint-2") and after["step"] == 3
+    assert any(e.get("kind") == "crash" for e in events)  # rank 0's all-reduce timed out

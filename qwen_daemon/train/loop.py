@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from qwen_daemon.launch import BACKEND_ENV
+from qwen_daemon.launch import BACKEND_ENV, RESTARTS_ENV
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
 from qwen_daemon.train.checkpoint import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from qwen_daemon.train.controls import Command, Controls
@@ -42,12 +42,18 @@ from shared.config import Config
 log = logging.getLogger(__name__)
 
 STRAGGLER_RATIO, STRAGGLER_STEPS = 1.2, 5
+INJECT_HANG_ENV = "QWEN_DAEMON_INJECT_HANG"  # "3@1": rank 1 stops answering at step 3 (tests)
+RESTART_BATCH = "restart_batch.json"  # the batch size a restart after a synchronised OOM must use
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
+
+
+class SynchronisedOOM(RuntimeError):
+    """Out of memory where the ranks cannot agree in place; the daemon restarts them all."""
 
 
 @dataclass
@@ -71,6 +77,7 @@ class Run:
     paused: bool = False
     stopping: bool = False
     injected_oom: dict[int, int] = field(default_factory=dict)
+    injected_hang: dict[int, int] = field(default_factory=dict)
     saved_step: int | None = None
     ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
     busy: float = 0.0  # this rank's compute seconds in the last step
@@ -177,7 +184,10 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     state = TrainState(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
     sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
     r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
-            world_size, rank, injected_oom=parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank), ddp=ddp)
+            world_size, rank, ddp=ddp)
+    if os.environ.get(RESTARTS_ENV, "0") == "0":  # faults are injected into the first worker group only
+        r.injected_oom = parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank)
+        r.injected_hang = parse_injected_oom(os.environ.get(INJECT_HANG_ENV, ""), rank)
     r.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(cfg, device) == torch.float16)
     r.total_steps = total_steps(r)
     r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
@@ -190,6 +200,7 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
         if r.state.processes != world_size:
             keep_global_batch(r)
     r.state.processes = world_size
+    apply_restart_batch(r)
     return r
 
 
@@ -212,6 +223,22 @@ def wrap_ddp(model, device: torch.device):
     ignored += [name for name, _ in model.named_buffers()]  # rotary tables: computed, the same everywhere
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def apply_restart_batch(r: Run) -> None:
+    """After a restart caused by an OOM in the synchronising micro-batch: the halved batch size."""
+    path = r.run_dir / RESTART_BATCH
+    if not path.exists():
+        return
+    batch = json.loads(path.read_text(encoding="utf-8"))
+    barrier(r.world_size)  # every rank has read it ...
+    if r.is_main:
+        path.unlink()  # ... before it goes
+    if batch.get("processes") != r.world_size:
+        return
+    r.state.micro_batch_size, r.state.grad_accum = batch["micro_batch_size"], batch["grad_accum"]
+    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=r.state.micro_batch_size,
+                  grad_accum=r.state.grad_accum, restarted=True)
 
 
 def keep_global_batch(r: Run) -> None:
@@ -295,6 +322,9 @@ def optimizer_step(r: Run, units: list[list[int]]) -> tuple[float, int]:
             break
         except torch.OutOfMemoryError as e:
             recover_from_oom(r, e)
+        except SynchronisedOOM as e:
+            leave_batch_for_restart(r, e)
+            raise
     r.state.samples_seen += position - r.state.samples_in_epoch
     r.state.samples_in_epoch = position
     return loss, tokens
@@ -351,8 +381,10 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             r.scaler.scale(loss * r.world_size).backward()
             total += loss.detach()  # each micro-batch's share of the step's mean token loss
         except torch.OutOfMemoryError as e:
-            if r.world_size == 1 or last:
+            if r.world_size == 1:
                 raise
+            if last:  # the other ranks are in DDP's all-reduce already: no agreement possible
+                raise SynchronisedOOM(str(e)) from e
             failed = e
     if r.world_size > 1:
         torch.distributed.all_reduce(total)  # the step's loss over all ranks
@@ -386,6 +418,25 @@ def watch_stragglers(r: Run, compute_s: list[float]) -> None:
         if r.slow_steps[rank] == STRAGGLER_STEPS:
             r.sinks.event("straggler", step=r.state.step, rank=rank, slower_pct=round(100 * (own / others - 1)),
                           steps=STRAGGLER_STEPS)
+
+
+def leave_batch_for_restart(r: Run, error: Exception) -> None:
+    """This rank ran out of memory in the micro-batch whose backward synchronises the ranks; the
+    others wait in DDP's all-reduce. Leave the halved batch size for the restart and let the
+    exception end this process: torchrun's agent then ends the other ranks and the daemon restarts
+    them all from the newest checkpoint."""
+    s = r.state
+    new_mbs = halved_divisor(s.micro_batch_size, s.micro_batch_size * s.grad_accum)
+    if new_mbs is None:
+        raise TrainingError(f"out of memory on rank {r.rank} at step {s.step + 1} with micro-batch 1 ({error}); "
+                            "lower data.max_seq_len or use a larger GPU") from None
+    accum = s.micro_batch_size * s.grad_accum // new_mbs
+    batch = {"micro_batch_size": new_mbs, "grad_accum": accum, "processes": r.world_size}
+    tmp = r.run_dir / f".{RESTART_BATCH}.tmp"
+    tmp.write_text(json.dumps(batch), encoding="utf-8")
+    os.replace(tmp, r.run_dir / RESTART_BATCH)
+    log.error("rank %d: out of memory in the synchronising micro-batch of step %d; all ranks restart from the "
+              "newest checkpoint with micro-batch %d x accumulation %d", r.rank, s.step + 1, new_mbs, accum)
 
 
 def recover_from_oom(r: Run, error: Exception) -> None:
@@ -428,6 +479,9 @@ def parse_injected_oom(spec: str, rank: int = 0) -> dict[int, int]:
 
 def maybe_inject_oom(r: Run, micro_batch: int) -> None:
     step = r.state.step + 1
+    if micro_batch == 0 and r.injected_hang.get(step, 0) > 0:
+        log.warning("rank %d stops answering at step %d (%s)", r.rank, step, INJECT_HANG_ENV)
+        time.sleep(10**6)
     if micro_batch == 0 and r.injected_oom.get(step, 0) > 0:
         r.injected_oom[step] -= 1
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_OOM_ENV} at step {step})")
