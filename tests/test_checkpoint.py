@@ -413,3 +413,26 @@ def test_round_trip_on_cuda(tmp_path):
     _assert_same([torch.rand(4, device=f"cuda:{i}").cpu() for i in range(torch.cuda.device_count())],
                  expected_cuda, "cuda rng")
     step()
+
+
+def test_every_rank_gets_its_own_rng_state_back(tmp_path):
+    from qwen_daemon.train.checkpoint import capture_rng_state
+
+    model, optimizer, scheduler = _trainer()
+    per_rank = []
+    for seed in (10, 11):  # what ranks 0 and 1 would have captured
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        per_rank.append(capture_rng_state())
+    expected = []
+    for state in per_rank:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        expected.append(_draws())
+    path = save_checkpoint(tmp_path, TrainState(step=3, processes=2), model, optimizer, scheduler, keep_last=1,
+                           rank_rng_states=per_rank)
+    for rank in (1, 0, 3):  # rank 3 of a larger group wraps around to rank 1's state
+        load_checkpoint(path, model, optimizer, scheduler, rank=rank)
+        _assert_same(_draws(), expected[rank % 2], f"rank {rank}")

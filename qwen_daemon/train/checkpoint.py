@@ -199,14 +199,16 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
 # --------------------------------------------------------------------------- saving
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, *, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, *, keep_last: int,
+                    rank_rng_states: list[dict[str, Any]] | None = None) -> Path:
     """Write checkpoint-<state.step> atomically, then apply retention; returns its path.
 
     ``model`` is a peft ``PeftModel``, possibly wrapped in DDP / DataParallel / torch.compile.
     An existing checkpoint of the same step is replaced (atomically). Retention keeps the
     ``keep_last`` newest checkpoints, the one at ``state.best_step`` (when it exists) and always
     the one just written; the others are deleted. Call it on one process only (rank 0 under
-    DDP); it is not safe to call from two threads at once.
+    DDP); it is not safe to call from two threads at once. ``rank_rng_states``: every rank's
+    ``capture_rng_state()``, in rank order (under DDP each rank draws its own dropout masks).
     """
     import torch
 
@@ -227,7 +229,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
         peft_model.save_pretrained(str(tmp), save_embedding_layers=SAVE_EMBEDDING_LAYERS)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        torch.save(_capture_rng_state(), tmp / RNG_FILE)
+        torch.save({"ranks": rank_rng_states} if rank_rng_states else capture_rng_state(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n", encoding="utf-8")
         files = _sync_and_hash_tree(tmp)
         manifest = {
@@ -342,7 +344,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _capture_rng_state() -> dict[str, Any]:
+def capture_rng_state() -> dict[str, Any]:
     import torch
 
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -407,7 +409,7 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
     """Verify a checkpoint and restore it in place; returns its TrainState.
 
     Restores the adapter weights into ``model`` (a PeftModel, possibly wrapped), the optimizer
@@ -445,6 +447,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
         raise CheckpointError(
             f"{path / SCHEDULER_FILE}: does not fit this scheduler ({e}); resume with the same scheduler settings"
         ) from e
+    if "ranks" in rng_state:  # one state per rank; on more ranks than saved, wrap around
+        rng_state = rng_state["ranks"][rank % len(rng_state["ranks"])]
     _restore_rng_state(rng_state)
     log.info("restored checkpoint %s (step %d)", path, state.step)
     return state

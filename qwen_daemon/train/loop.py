@@ -31,7 +31,8 @@ import torch
 
 from qwen_daemon.launch import BACKEND_ENV, RESTARTS_ENV
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
-from qwen_daemon.train.checkpoint import TrainState, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, latest_valid_checkpoint, load_checkpoint,
+                                          save_checkpoint)
 from qwen_daemon.train.controls import Command, Controls
 from qwen_daemon.train.data import prepare_data
 from qwen_daemon.train.model import bnb_config, compute_dtype, load_model, load_tokenizer
@@ -195,7 +196,7 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
         path = latest_valid_checkpoint(run_dir)
         if path is None:
             raise TrainingError(f"nothing to resume: no valid checkpoint in {run_dir / 'checkpoints'}")
-        r.state = load_checkpoint(path, model, optimizer, r.scheduler)
+        r.state = load_checkpoint(path, model, optimizer, r.scheduler, rank=rank)
         sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
         if r.state.processes != world_size:
             keep_global_batch(r)
@@ -532,11 +533,20 @@ def evaluate(r: Run) -> float | None:
 
 
 def save(r: Run) -> Path | None:
-    if not r.is_main or r.saved_step == r.state.step:
+    """A checkpoint of this step, written by rank 0 with every rank's RNG state (every rank calls
+    this at the same boundaries)."""
+    if r.saved_step == r.state.step:
         return None
     r.saved_step = r.state.step
+    rng_states = None
+    if r.world_size > 1:
+        rng_states = [None] * r.world_size if r.is_main else None
+        torch.distributed.gather_object(capture_rng_state(), rng_states, dst=0)
+    if not r.is_main:
+        return None
     r.sinks.event("saving", step=r.state.step)
-    path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler, keep_last=r.cfg.checkpoint.keep_last)
+    path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler, keep_last=r.cfg.checkpoint.keep_last,
+                           rank_rng_states=rng_states)
     r.sinks.event("checkpoint", step=r.state.step, path=str(path))
     return path
 
