@@ -312,8 +312,9 @@ def optimizer_step(r: Run, units: list[list[int]]) -> tuple[float, int]:
     """Forward and backward over the step's micro-batches; returns (mean token loss, real tokens).
 
     On an out-of-memory error: free memory, halve the micro-batch (doubling accumulation, so the
-    global batch stays) and redo the same step with the same samples. At micro-batch 1 give up
-    with advice.
+    global batch stays) and redo the same step with the same samples, on every rank. At
+    micro-batch 1 give up with advice. With several ranks, an OOM in the last micro-batch ends the
+    process instead and the daemon restarts all ranks with the halved micro-batch.
     """
     while True:
         batches, position = step_plan(units, r.state.samples_in_epoch, r.state.micro_batch_size,
@@ -352,11 +353,10 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     for i, batch in enumerate(collated):
         last = i == len(collated) - 1
         if last and r.world_size > 1:
-            # Before the micro-batch whose forward and backward synchronise the ranks (DDP's
-            # collectives), every rank learns whether any rank ran out of memory in the ones
-            # before; then all recover the same way and redo the step. An OOM inside this last
-            # micro-batch leaves the others waiting in DDP's all-reduce: launch.collective_timeout_s
-            # then fails the workers and the supervisor restarts them from the newest checkpoint.
+            # Before the micro-batch whose backward synchronises the ranks (DDP's all-reduce),
+            # every rank learns whether any rank ran out of memory in the ones before; then all
+            # recover the same way and redo the step. An OOM inside this last micro-batch cannot
+            # be agreed (the others are in the all-reduce): see leave_batch_for_restart.
             flag = torch.tensor([failed is not None], device=r.device, dtype=torch.int32)
             torch.distributed.all_reduce(flag)
             if flag.item():
