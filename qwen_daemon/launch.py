@@ -28,9 +28,9 @@ def backend(cfg: Config) -> str:
     return "nccl" if gpu.sample()["gpus"] else "gloo"
 
 
-def worker_command(run_dir: Path, resume: bool, cfg: Config, module: str = "qwen_daemon.worker") -> list[str]:
+def worker_command(run_dir: Path, resume: bool, cfg: Config, n: int, module: str = "qwen_daemon.worker") -> list[str]:
+    """The command for `n` trainer processes (see `processes`)."""
     worker = ["-m", module, str(run_dir)] + (["--resume"] if resume else [])
-    n = processes(cfg)
     if n == 1 and not cfg.launch.torchrun_args:
         return [sys.executable, *worker]
     # One node unless the config passes torchrun's rendezvous options (--nnodes, --node-rank,

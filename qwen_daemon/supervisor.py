@@ -38,6 +38,7 @@ from qwen_daemon import gpu, launch, worker
 
 log = logging.getLogger("qwen_daemon.supervisor")
 
+STATUS_FIGURES = ("total_steps", "epoch", "micro_batch_size", "grad_accum", "processes")
 KEEP_LOGS = 500
 KEEP_EVENTS = 500
 
@@ -95,6 +96,7 @@ class Supervisor:
         self.gpu: dict | None = None  # the last `gpu` body, for snapshots
         self.step = 0
         self.metrics: list[dict] = []
+        self.figures: dict[str, Any] = {}  # for `status`, see note_figures
         if resume:  # the history so far, so that a snapshot after `start --resume` shows the whole run
             for record in runs.read_jsonl(run_dir / runs.METRICS):
                 self.add_metric(record)
@@ -104,6 +106,8 @@ class Supervisor:
         self.forwarded: dict[int, tuple] = {}  # internal id -> (route, request id, cmd, client socket)
         self.next_id = 0
         self.restarts = 0
+        self.processes, self.backend = launch.processes(self.cfg), launch.backend(self.cfg)
+        self.reported: set[str] = set()  # what the current worker (group) said of its end: error, stopped
         self.stopping = False
         self.worker: subprocess.Popen | None = None
         self.started_at = time.time()
@@ -187,6 +191,8 @@ class Supervisor:
             self.logs.append({"ts": now, **body})  # the snapshot's lines carry their time
         elif topic == "event":
             self.events.append({"ts": now, **body})
+            if body.get("kind") in ("command_applied", "oom_recovered"):
+                self.note_figures(body)
         elif topic == "gpu":
             self.gpu = body
         try:
@@ -206,7 +212,13 @@ class Supervisor:
         if record.get("kind") == "train":
             while self.metrics and self.metrics[-1].get("step", 0) >= record.get("step", 0):
                 self.metrics.pop()
+            self.note_figures(record)
         self.metrics.append(record)
+
+    def note_figures(self, body: dict[str, Any]) -> None:
+        """What `status` reports: the last train record's figures, and a batch size as soon as a
+        command or an OOM recovery changed it (the next record comes a step later)."""
+        self.figures.update({k: body[k] for k in STATUS_FIGURES if body.get(k) is not None})
 
     def set_state(self, state: str, reason: str = "") -> None:
         if state == self.state:
@@ -223,12 +235,12 @@ class Supervisor:
     def spawn(self, resume: bool) -> None:
         env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
                worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1"}
-        env[launch.BACKEND_ENV] = launch.backend(self.cfg)
+        env[launch.BACKEND_ENV] = self.backend
         env[launch.RESTARTS_ENV] = str(self.restarts)
         # QWEN_DAEMON_WORKER_MODULE: another worker program (the telemetry benchmark's synthetic one).
         module = os.environ.get("QWEN_DAEMON_WORKER_MODULE", "qwen_daemon.worker")
-        cmd = launch.worker_command(self.run_dir, resume, self.cfg, module)
-        self.reported = set()  # what this worker (group) said of its end: error, stopped
+        cmd = launch.worker_command(self.run_dir, resume, self.cfg, self.processes, module)
+        self.reported = set()
         self.worker = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
                                        stdout=open(self.run_dir / runs.DAEMON_LOG, "ab"), stderr=subprocess.STDOUT)
         self.set_state("loading", f"worker pid {self.worker.pid}")
@@ -236,7 +248,7 @@ class Supervisor:
     def stop_worker(self) -> None:
         """Stop at the next step boundary with a checkpoint: a signal for one worker; for a group,
         the stop command to rank 0 (torchrun's agent would kill the ranks on a signal)."""
-        if launch.processes(self.cfg) == 1:
+        if self.processes == 1:
             self.worker.send_signal(signal.SIGTERM)
             return
         try:
@@ -313,12 +325,12 @@ class Supervisor:
     def read_only(self, cmd: str) -> dict[str, Any]:
         if cmd == "ping":
             return {"pong": True, "pid": os.getpid()}
-        last = self.metrics[-1] if self.metrics else {}
+        f = self.figures
         status = {"run": self.cfg.run.name, "state": self.state, "step": self.step,
-                  "total_steps": last.get("total_steps"), "epoch": last.get("epoch"),
-                  "micro_batch_size": last.get("micro_batch_size", self.cfg.train.micro_batch_size),
-                  "grad_accum": last.get("grad_accum", self.cfg.train.grad_accum),
-                  "processes": last.get("processes", 1),
+                  "total_steps": f.get("total_steps"), "epoch": f.get("epoch"),
+                  "micro_batch_size": f.get("micro_batch_size", self.cfg.train.micro_batch_size),
+                  "grad_accum": f.get("grad_accum", self.cfg.train.grad_accum),
+                  "processes": f.get("processes", self.processes),
                   "pid": os.getpid(), "started_at": self.started_at, "seq": self.seq}
         status["global_batch"] = status["micro_batch_size"] * status["grad_accum"] * status["processes"]
         if cmd == "status":

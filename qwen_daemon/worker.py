@@ -109,9 +109,8 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
     """Command thread: requests from the supervisor -> Controls; replies once applied (rank 0 only:
     the loop broadcasts commands to the other ranks). Also sends this process's torch memory
     figures once a second (every rank)."""
-    rank = int(os.environ.get("RANK", 0))
     sock = context.socket(zmq.PAIR)
-    if rank == 0:
+    if RANK == 0:
         sock.connect(endpoint)
     replies: queue.Queue = queue.Queue()
     calls = {"pause": lambda a: controls.pause(a.get("release_memory", False)),
@@ -124,8 +123,8 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
         if time.monotonic() >= next_memory:  # this process's torch memory, once a second, for the gpu topic
             next_memory = time.monotonic() + 1.0
             if memory := gpu.torch_memory(torch_device_index()):
-                telemetry.send("rank", {"rank": rank, "index": torch_device_index(), "pid": os.getpid(), **memory})
-        if rank != 0:
+                telemetry.send("rank", {"rank": RANK, "index": torch_device_index(), "pid": os.getpid(), **memory})
+        if RANK != 0:
             stop.wait(0.1)
         elif sock.poll(100):
             request = msgpack.unpackb(sock.recv(), raw=False)

@@ -66,7 +66,12 @@ class QwenTUI(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(LogPane).update_title()
+        # The frame runs ten times a second: look the widgets up once.
+        self.header, self.gpu_panel = self.query_one(RunHeader), self.query_one(GpuPanel)
+        self.chart, self.log_pane, self.events_pane = (self.query_one(MetricChart), self.query_one(LogPane),
+                                                       self.query_one(EventsPane))
+        self.search_input = self.query_one("#search", Input)
+        self.log_pane.update_title()
         self.set_interval(FRAME_S, self.frame)
         if self.choices:
             self.push_screen(RunPickerScreen(self.choices), self.attach)
@@ -86,17 +91,16 @@ class QwenTUI(App):
             self.connection.drain(self.view)
         now = self.clock()
         shown = (self.view.version, int(now) if self.view.connection != "offline" else 0)
-        chart = self.query_one(MetricChart)
         if shown == self._shown:
-            chart.replot()  # a throttled replot that is now due
+            self.chart.replot()  # a throttled replot that is now due
             return
         with self.batch_update():
-            self.query_one(RunHeader).show(self.view, now)
+            self.header.show(self.view, now)
             if self._shown is None or shown[0] != self._shown[0]:
-                self.query_one(GpuPanel).show(self.view)
-                chart.show(self.view)
-                self.query_one(LogPane).show(self.view)
-                self.query_one(EventsPane).show(self.view)
+                self.gpu_panel.show(self.view)
+                self.chart.show(self.view)
+                self.log_pane.show(self.view)
+                self.events_pane.show(self.view)
         self._shown = shown
 
     # --- controls ---------------------------------------------------------------------------------
@@ -137,34 +141,31 @@ class QwenTUI(App):
                                        "在下一步停止训练并保存检查点？", yes="Stop"), answered)
 
     def action_chart(self) -> None:
-        self.query_one(MetricChart).next_mode()
+        self.chart.next_mode()
 
     def action_log_level(self) -> None:
-        log = self.query_one(LogPane)
-        log.set_filter(min_level=FILTERS[(FILTERS.index(log.min_level) + 1) % len(FILTERS)])
-        log.show(self.view)
+        self.filter_log(min_level=FILTERS[(FILTERS.index(self.log_pane.min_level) + 1) % len(FILTERS)])
 
     def action_search(self) -> None:
-        search = self.query_one("#search", Input)
-        search.display = True
-        search.focus()
+        self.search_input.display = True
+        self.search_input.focus()
 
     @on(Input.Submitted, "#search")
     def searched(self, event: Input.Submitted) -> None:
-        log = self.query_one(LogPane)
-        log.set_filter(search=event.value.strip())
-        log.show(self.view)
-        log.focus()
+        self.filter_log(search=event.value.strip())
+        self.log_pane.focus()
         event.input.display = bool(event.value.strip())
 
     def on_key(self, event) -> None:
-        search = self.query_one("#search", Input)
-        if event.key == "escape" and search.has_focus:
-            search.value = ""
-            search.display = False
-            self.query_one(LogPane).set_filter(search="")
-            self.query_one(LogPane).show(self.view)
-            self.query_one(LogPane).focus()
+        if event.key == "escape" and self.search_input.has_focus:
+            self.search_input.value = ""
+            self.search_input.display = False
+            self.filter_log(search="")
+            self.log_pane.focus()
+
+    def filter_log(self, **change) -> None:
+        self.log_pane.set_filter(**change)
+        self.log_pane.show(self.view)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())

@@ -340,8 +340,8 @@ class Connection:
                  keys: CurveKeys | None = None, silence_s: float = SILENCE_S) -> None:
         if (run_dir is None) == (endpoints is None):
             raise ValueError("give either run_dir or endpoints")
-        self.run_dir, self.fixed, self.keys, self.silence_s = run_dir, endpoints, keys, silence_s
-        self.endpoints = endpoints
+        self.run_dir, self.keys, self.silence_s = run_dir, keys, silence_s
+        self.endpoints = endpoints  # from daemon.json each time the thread (re)connects, with run_dir
         self.context = zmq.Context()
         self.updates: queue.SimpleQueue = queue.SimpleQueue()
         self.closed = threading.Event()
@@ -394,7 +394,7 @@ class Connection:
                     if not reply["ok"]:
                         raise CommandError(f"{reply['error']['code']}: {reply['error']['message']}")
                     return reply["result"]
-            raise CommandError(f"no reply within {timeout:g} s")
+            raise CommandError(f"no reply within {timeout:g} s; is the daemon alive? (qwen-daemon list)")
         except protocol.ProtocolError as e:
             raise CommandError(f"unreadable reply: {e}") from None
         finally:
@@ -416,7 +416,7 @@ class Connection:
     def _follow_forever(self) -> None:
         offline_shown = False
         while not self.closed.is_set():
-            if self.fixed is None:
+            if self.run_dir is not None:
                 info = runs.live_daemon(self.run_dir)
                 if info is None:
                     self.endpoints = None

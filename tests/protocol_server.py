@@ -64,7 +64,7 @@ class ProtocolServer:
 
     def publish_raw(self, frames: list[bytes]) -> None:
         """Send frames as they are (garbage), without a seq."""
-        self._jobs.put(("", frames, "raw"))
+        self._jobs.put(frames)
 
     def train_step(self, step: int, loss: float, skip: bool = False, **extra) -> None:
         self.publish("metrics", {"kind": "train", "step": step, "ts": time.time(), "total_steps": 100,
@@ -99,7 +99,11 @@ class ProtocolServer:
                     route, frame = protocol.split_route(router.recv_multipart())
                     router.send_multipart(route + [self._answer(frame, pub)])
                 while not self._jobs.empty():
-                    self._send(pub, *self._jobs.get())
+                    job = self._jobs.get()
+                    if isinstance(job, list):  # raw frames
+                        pub.send_multipart(job)
+                    else:
+                        self._send(pub, *job)
                 if time.monotonic() >= next_beat:
                     next_beat += self.heartbeat_s
                     self._send(pub, "heartbeat", {"state": self.status["state"], "step": self.status["step"],
@@ -107,10 +111,7 @@ class ProtocolServer:
         finally:
             context.destroy(linger=0)
 
-    def _send(self, pub: zmq.Socket, topic: str, body, skip) -> None:
-        if skip == "raw":
-            pub.send_multipart(body)
-            return
+    def _send(self, pub: zmq.Socket, topic: str, body: dict, skip: bool) -> None:
         self.seq += 1
         ts = time.time()
         if topic == "metrics" and body.get("kind") == "train":

@@ -1,5 +1,6 @@
 """The supervisor as a real process with a real worker, driven over real ZeroMQ sockets."""
 
+import contextlib
 import itertools
 import json
 import os
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 
 import msgpack
-import pytest
 import zmq
 
 from shared import protocol
@@ -16,6 +16,8 @@ from shared.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 180_000
+# Child processes find the repo first, and whatever else the test run has (the GPU machine's wheels).
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 class Client:
@@ -56,17 +58,26 @@ def worker_pid(client) -> int:
 
 
 def start_supervisor(run_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
                             stdout=subprocess.PIPE, text=True)
     ready = proc.stdout.readline().split()  # "ready <control> <telemetry>" once the sockets are bound
     assert ready and ready[0] == "ready", ready
     return proc, Client(ready[1], ready[2])
 
 
-def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
+@contextlib.contextmanager
+def running(run_dir):
+    """A supervisor for the test's body, killed afterwards whatever happened."""
     proc, client = start_supervisor(run_dir)
     try:
+        yield proc, client
+    finally:
+        proc.kill()
+        client.close()
+
+
+def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
+    with running(run_dir) as (proc, client):
         assert client.call("ping")["result"]["pong"] is True
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)
 
@@ -84,6 +95,8 @@ def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
         assert "does not divide" in bad["error"]["message"]
         changed = client.call("set_batch_size", micro_batch_size=1)
         assert changed["result"] == {"step": step, "micro_batch_size": 1, "grad_accum": 4, "global_batch": 4}
+        status = client.call("status")["result"]  # at once, not only after the next step's record
+        assert (status["micro_batch_size"], status["grad_accum"], status["total_steps"]) == (1, 4, 40)
 
         assert client.call("resume")["ok"]
         after = client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] == step + 1)
@@ -92,17 +105,13 @@ def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
         stopped = client.call("stop")
         assert stopped["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
     info = json.loads((run_dir / "daemon.json").read_text())
     assert info["state"] == "stopped"
     assert list((run_dir / "checkpoints").glob("checkpoint-*"))
 
 
 def test_garbage_on_the_control_socket_never_stops_the_run(run_dir):
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         raw = client.context.socket(zmq.DEALER)
         raw.connect(json.loads((run_dir / "daemon.json").read_text())["endpoints"]["control"])
         import random
@@ -119,14 +128,10 @@ def test_garbage_on_the_control_socket_never_stops_the_run(run_dir):
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)  # still training
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
 
 
 def cli(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=TIMEOUT_MS / 1000)
 
 
@@ -160,14 +165,10 @@ def test_start_detached_steer_with_ctl_and_stop(run_dir, tmp_path):
 def test_a_worker_that_cannot_train_fails_the_run_and_pending_commands_get_an_answer(run_dir):
     config = run_dir / "config.yaml"
     config.write_text(config.read_text().replace(str(REPO / "data" / "crypto_terms.tsv"), "/no/such/terms.tsv"))
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         reply = client.call("pause")  # sent while loading; the worker fails before any step
         assert not reply["ok"] and reply["error"]["code"] in ("command_failed", "bad_state")
         assert proc.wait(TIMEOUT_MS / 1000) == 1
-    finally:
-        proc.kill()
-        client.close()
     assert json.loads((run_dir / "daemon.json").read_text())["state"] == "failed"
     # The reason reaches the log, with the file to fix.
     assert "/no/such/terms.tsv: term dictionary not found" in (run_dir / "daemon.log").read_text()
@@ -176,8 +177,7 @@ def test_a_worker_that_cannot_train_fails_the_run_and_pending_commands_get_an_an
 def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
     import signal
 
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "checkpoint")
         os.kill(worker_pid(client), signal.SIGKILL)
         restarted = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "worker_restarted")
@@ -190,22 +190,15 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
         assert steps == list(range(1, checkpoint_step + 2))  # the redone steps replace the lost ones
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
 
 
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(run_dir):
     import signal
 
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
     assert json.loads((run_dir / "daemon.json").read_text())["state"] == "stopped"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["kind"] == "stopped"
@@ -288,9 +281,8 @@ def test_curve_lets_authorised_clients_in_and_nobody_else(run_dir, tmp_path):
     generate_keys(tmp_path / "other", "mallory")  # a valid key pair the daemon does not know
     port = free_port()
     with_listen(run_dir, f"daemon.listen=[tcp://127.0.0.1:{port}]", f"daemon.curve_keys_dir={keys}")
-    proc, client = start_supervisor(run_dir)
     endpoint = f"tcp://127.0.0.1:{port}"
-    try:
+    with running(run_dir) as (proc, client):
         assert ping_over_tcp(endpoint) is None  # no keys: nothing
         assert ping_over_tcp(endpoint, tmp_path / "other" / "mallory.key_secret", keys / "server.key") is None
         reply = ping_over_tcp(endpoint, keys / "alice.key_secret", keys / "server.key")
@@ -300,23 +292,18 @@ def test_curve_lets_authorised_clients_in_and_nobody_else(run_dir, tmp_path):
         assert tcp == [{"control": endpoint, "telemetry": f"tcp://127.0.0.1:{port + 1}", "curve": True}]
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
 
 
 def test_a_non_loopback_endpoint_without_keys_is_refused(run_dir):
     with_listen(run_dir, "daemon.listen=[tcp://0.0.0.0:5999]")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=env,
+    out = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "non-loopback" in out.stderr and "keys generate" in out.stderr
 
 
 def test_a_retried_request_is_replayed_not_executed_twice(run_dir):
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 1)
         client.ctl.send(protocol.encode_request("same-id", "checkpoint"))
         assert client.ctl.poll(TIMEOUT_MS)
@@ -330,27 +317,19 @@ def test_a_retried_request_is_replayed_not_executed_twice(run_dir):
             message = client.wait_for(lambda m: m["topic"] == "state")
             states.append(message["body"]["state"])
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert sum(1 for e in events if e["kind"] == "command_applied" and e["command"] == "checkpoint") == 1
     assert "saving" in states  # the final checkpoint: a brief detour through `saving`
 
 
 def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
-    proc, client = start_supervisor(run_dir)
-    try:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        second = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=env,
+    with running(run_dir) as (proc, client):
+        second = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "already has a daemon" in second.stderr
         assert client.call("ping")["ok"]  # the first one is untouched
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
     # Its daemon.json now names a dead pid: a new daemon may take the run over (stale file).
     from shared.runs import live_daemon
 
@@ -361,13 +340,9 @@ def test_with_no_restarts_left_a_killed_worker_fails_the_run(run_dir):
     import signal
 
     with_listen(run_dir, "daemon.max_restarts=0")
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 1)
         os.kill(worker_pid(client), signal.SIGKILL)
         failed = client.wait_for(lambda m: m["topic"] == "state" and m["body"]["state"] == "failed")
         assert "code -9" in failed["body"]["reason"]
         assert proc.wait(TIMEOUT_MS / 1000) == 1
-    finally:
-        proc.kill()
-        client.close()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shared.config import load_config
+from test_daemon import ENV
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "ddp_train.py")
@@ -28,7 +29,7 @@ def run_script(run, processes, new_micro_batch, env=None, extra=()):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
                 if processes > 1 else [sys.executable])
     result = subprocess.run([*launcher, SCRIPT, str(run), str(new_micro_batch), *extra], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})})
+                            timeout=600, env={**ENV, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((run / f"state-rank{r}.json").read_text()) for r in range(processes)]
 
@@ -67,11 +68,10 @@ def test_the_daemon_trains_two_ranks_steers_them_and_restarts_them_after_one_is_
     import signal
     from pathlib import Path
 
-    from test_daemon import TIMEOUT_MS, start_supervisor, with_listen, worker_pid
+    from test_daemon import TIMEOUT_MS, running, with_listen, worker_pid
 
     with_listen(run_dir, "launch.num_processes=2", "train.max_steps=60", "checkpoint.every_steps=4")
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"].get("step") == 2)
         paused = client.call("pause")["result"]
         changed = client.call("set_batch_size", micro_batch_size=1)["result"]
@@ -93,9 +93,6 @@ def test_the_daemon_trains_two_ranks_steers_them_and_restarts_them_after_one_is_
         assert (after["body"]["micro_batch_size"], after["body"]["grad_accum"]) == (1, 4)  # from the checkpoint
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
     assert json.loads((run_dir / "daemon.json").read_text())["state"] == "stopped"
 
 
@@ -128,19 +125,15 @@ def test_a_run_of_two_ranks_resumes_on_one_with_the_same_global_batch_and_data_p
 def run_daemon_until_restarted(run_dir, *settings):
     """Start the daemon with two ranks; return the restart event, the first step after it, and
     the events before it, once the run has been stopped."""
-    from test_daemon import TIMEOUT_MS, start_supervisor, with_listen
+    from test_daemon import TIMEOUT_MS, running, with_listen
 
     with_listen(run_dir, "launch.num_processes=2", "train.max_steps=60", "checkpoint.every_steps=2", *settings)
-    proc, client = start_supervisor(run_dir)
-    try:
+    with running(run_dir) as (proc, client):
         restarted = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "worker_restarted")
         after = client.wait_for(lambda m: m["topic"] == "metrics" and m["body"].get("kind") == "train")
         events = [e for e in client.call("snapshot")["result"]["events"]]
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
-    finally:
-        proc.kill()
-        client.close()
     return restarted["body"], after["body"], events
 
 

@@ -58,13 +58,11 @@ def test_injected_oom_recovers_on_the_gpu(tmp_path, monkeypatch):
 async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
     """The daemon on the GPU with the TUI attached (Pilot): real NVML figures and the trainer's own
     memory in the GPU panel, then p and s."""
-    import subprocess
-    import sys
-
     from qwen_tui.app import QwenTUI
     from qwen_tui.client import Connection
     from qwen_tui.widgets.gpu_panel import GpuPanel
     from qwen_tui.widgets.header import RunHeader
+    from test_daemon import running
     from test_tui_app import text, until
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"run.runs_root={tmp_path}", "run.name=tui",
@@ -72,13 +70,12 @@ async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
     run = tmp_path / "tui"
     run.mkdir()
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().startswith("ready")
+    with running(run) as (proc, _):
         app = QwenTUI(Connection(run_dir=run).start())
         async with app.run_test(size=(120, 40)) as pilot:
-            await until(pilot, lambda: app.view.step >= 3 and (app.view.gpu or {}).get("ranks"), timeout=300)
-            await pilot.pause(1.5)  # one more gpu sample with the trainer's memory
+            # A gpu sample taken while training, with the trainer's own memory in it.
+            await until(pilot, lambda: app.view.step >= 3 and any(
+                r.get("reserved") for r in (app.view.gpu or {}).get("ranks", [])), timeout=300)
             panel = text(app.query_one(GpuPanel))
             print(text(app.query_one(RunHeader)), panel, sep="\n")
             gpu = app.view.gpu["gpus"][0]
@@ -89,5 +86,3 @@ async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
             await pilot.press("s", "y")
             await until(pilot, lambda: app.view.connection == "offline", timeout=120)
         assert proc.wait(60) == 0
-    finally:
-        proc.kill()

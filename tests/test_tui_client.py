@@ -7,8 +7,7 @@ import math
 import pytest
 
 from protocol_server import ProtocolServer
-from qwen_tui.client import (CommandError, Connection, CurveKeys, Endpoints, RunView, describe_event,
-                             load_run_files)
+from qwen_tui.client import CommandError, Connection, CurveKeys, Endpoints, RunView, describe_event
 
 
 @pytest.fixture

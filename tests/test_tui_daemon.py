@@ -17,24 +17,16 @@ from qwen_tui.widgets.events_pane import EventsPane
 from qwen_tui.widgets.gpu_panel import GpuPanel
 from qwen_tui.widgets.header import RunHeader
 from shared.runs import live_daemon
+from test_daemon import ENV, running
 from test_tui_app import text, until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": REPO}
 START_S = 180  # the first step: a fresh process imports torch and loads the tiny model
 
 
-def start_supervisor(run_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().startswith("ready")
-    return proc
-
-
 async def test_every_control_against_the_real_daemon(run_dir):
-    proc = start_supervisor(run_dir)
-    app = QwenTUI(Connection(run_dir=run_dir).start())
-    try:
+    with running(run_dir) as (proc, _):
+        app = QwenTUI(Connection(run_dir=run_dir).start())
         async with app.run_test(size=(120, 40)) as pilot:
             await until(pilot, lambda: app.view.step >= 2, timeout=START_S)
             assert "[live]" in text(app.query_one(RunHeader)) and app.view.run == "d"
@@ -59,8 +51,6 @@ async def test_every_control_against_the_real_daemon(run_dir):
             header = text(app.query_one(RunHeader))
             assert "stopped" in header and "read-only" in header
             assert proc.wait(60) == 0
-    finally:
-        proc.kill()
     commands = [e["command"] for e in app.view.events if e.get("kind") == "command_applied"]
     assert commands == ["pause", "set_batch_size", "checkpoint", "resume", "stop"]
 

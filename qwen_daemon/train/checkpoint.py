@@ -435,23 +435,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
 
     for name, weights in adapters.items():
         _set_adapter_weights(path, peft_model, name, weights)
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path / OPTIMIZER_FILE}: does not fit this optimizer ({e}); resume with the same optimizer settings"
-        ) from e
-    try:
-        scheduler.load_state_dict(scheduler_state)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{path / SCHEDULER_FILE}: does not fit this scheduler ({e}); resume with the same scheduler settings"
-        ) from e
+    _load_state_dict(optimizer, optimizer_state, path / OPTIMIZER_FILE, "optimizer")
+    _load_state_dict(scheduler, scheduler_state, path / SCHEDULER_FILE, "scheduler")
     if "ranks" in rng_state:  # one state per rank; on more ranks than saved, wrap around
         rng_state = rng_state["ranks"][rank % len(rng_state["ranks"])]
     _restore_rng_state(rng_state)
     log.info("restored checkpoint %s (step %d)", path, state.step)
     return state
+
+
+def _load_state_dict(target, state: dict, path: Path, what: str) -> None:
+    try:
+        target.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: does not fit this {what} ({e}); resume with the same {what} settings") from e
 
 
 def _torch_load(path: Path):

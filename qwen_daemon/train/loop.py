@@ -402,9 +402,10 @@ def rank_figures(r: Run, value: float) -> list[float]:
     """`value` from every rank, in rank order (a tiny all_gather once per step)."""
     if r.world_size == 1:
         return [value]
-    gathered: list[Any] = [None] * r.world_size
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
+    mine = torch.tensor([value], device=r.device, dtype=torch.float64)
+    gathered = [torch.empty_like(mine) for _ in range(r.world_size)]
+    torch.distributed.all_gather(gathered, mine)
+    return [t.item() for t in gathered]
 
 
 def watch_stragglers(r: Run, compute_s: list[float]) -> None:

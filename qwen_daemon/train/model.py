@@ -64,7 +64,6 @@ def compute_dtype(cfg: Config, device):
 
 def load_model(cfg: Config, device):
     """The base model (4-bit NF4 unless switched off) with fresh LoRA adapters, ready to train."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
