@@ -147,6 +147,9 @@ class LaunchConfig(_Section):
     """auto = one per visible GPU, else 1 on CPU."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto = nccl on GPUs, gloo on CPU."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole 4-bit model (fastest while it fits); fsdp: the 4-bit
+    base, LoRA weights, gradients and optimizer state are sharded over the processes (FSDP2)."""
     torchrun_args: list[str] = Field(default_factory=list)
     """Options passed to torch.distributed.run, e.g. for several nodes: ["--nnodes=2", "--node-rank=0",
     "--rdzv-backend=c10d", "--rdzv-endpoint=node0:29500"]. Empty: one node (--standalone)."""

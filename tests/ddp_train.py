@@ -42,8 +42,7 @@ def main() -> None:
     finish = loop.finish
 
     def record_and_finish(r):
-        lora = {n: p.detach().cpu() for n, p in r.model.named_parameters() if p.requires_grad}
-        torch.save(lora, run / f"lora-rank{r.rank}.pt")
+        torch.save(loop.lora_state(r), run / f"lora-rank{r.rank}.pt")
         state = {k: getattr(r.state, k) for k in ("step", "micro_batch_size", "grad_accum", "samples_seen")}
         (run / f"state-rank{r.rank}.json").write_text(json.dumps(state))
         finish(r)

@@ -25,9 +25,14 @@ def make_run(run_dir, name, *settings):
     return run
 
 
-def run_script(run, processes, new_micro_batch, env=None, extra=()):
+def train_figures(run):
+    return [figure for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"
+            for figure in (m["loss"], m["grad_norm"])]
+
+
+def run_script(run, processes, new_micro_batch, env=None, extra=(), torchrun=None):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-                if processes > 1 else [sys.executable])
+                if torchrun or (torchrun is None and processes > 1) else [sys.executable])
     result = subprocess.run([*launcher, SCRIPT, str(run), str(new_micro_batch), *extra], capture_output=True, text=True,
                             timeout=600, env={**ENV, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,6 +67,40 @@ def test_two_ranks_train_like_one_process_through_an_oom_a_pause_and_a_batch_siz
             assert f"rank {rank}: {command} applied at step 3" in log
     steps = [m["step"] for m in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if m["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5]  # written once, by rank 0
+
+
+def test_fsdp_ranks_train_like_one_process_and_their_checkpoint_resumes_on_one(run_dir):
+    # FSDP2 on two ranks at micro-batch 2 x accumulation 2 (global batch 8), set to 1 x 4 after
+    # step 3; checkpoint-3 is written from the shards.
+    fsdp = ["launch.strategy=fsdp", "checkpoint.every_steps=3"]
+    two = make_run(run_dir, "two", "train.micro_batch_size=2", "train.grad_accum=2", *fsdp)
+    states = run_script(two, 2, new_micro_batch=1)
+    sharded = torch.load(two / "lora-rank0.pt")
+    # The reference: one process (the same torch AdamW, nothing to shard), global batch 8 all along.
+    one = make_run(run_dir, "one", "train.micro_batch_size=4", "train.grad_accum=2", *fsdp)
+    [reference] = run_script(one, 1, new_micro_batch=4)
+
+    assert states[0] == states[1] == {"step": 5, "micro_batch_size": 1, "grad_accum": 4,
+                                      "samples_seen": reference["samples_seen"]}
+    single = torch.load(one / "lora-rank0.pt")
+    assert sharded.keys() == torch.load(two / "lora-rank1.pt").keys() == single.keys()
+    for name in sharded:
+        torch.testing.assert_close(sharded[name], single[name], rtol=0, atol=2e-4, msg=name)
+    # The same loss and gradient norm at every step (Adam would hide a wrongly scaled gradient).
+    assert train_figures(two) == pytest.approx(train_figures(one), rel=1e-4)
+    for rank in (0, 1):
+        log = (two / f"rank{rank}.log").read_text()
+        assert "sharded over 2 processes" in log and f"rank {rank}: set_batch_size applied at step 3" in log
+
+    # The sharded run's checkpoint-3 (LoRA weights and AdamW state by parameter name) resumed on
+    # one process ends where the two ranks did.
+    import shutil
+
+    shutil.rmtree(two / "checkpoints" / "checkpoint-5")
+    [resumed] = run_script(two, 1, new_micro_batch=2, extra=["--resume"])
+    assert resumed == {"step": 5, "micro_batch_size": 2, "grad_accum": 4, "samples_seen": reference["samples_seen"]}
+    for name, weight in torch.load(two / "lora-rank0.pt").items():
+        torch.testing.assert_close(weight, sharded[name], rtol=0, atol=2e-4, msg=name)
 
 
 def test_the_daemon_trains_two_ranks_steers_them_and_restarts_them_after_one_is_killed(run_dir):
@@ -137,14 +176,18 @@ def run_daemon_until_restarted(run_dir, *settings):
     return restarted["body"], after["body"], events
 
 
-@pytest.mark.slow  # ~80 s; run with -m slow
-def test_an_oom_in_the_synchronising_micro_batch_restarts_every_rank_with_half_the_micro_batch(run_dir, monkeypatch):
-    # Accumulation 1: the only micro-batch is the one whose backward all-reduces, so rank 1's OOM
-    # at step 3 cannot be agreed in place; the group restarts from checkpoint-2 at micro-batch 1.
+@pytest.mark.slow  # ~80 s each; run with -m slow
+@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 2)])
+def test_an_oom_that_cannot_be_agreed_in_place_restarts_every_rank_with_half_the_micro_batch(run_dir, monkeypatch,
+                                                                                            strategy, accum):
+    # DDP at accumulation 1: the only micro-batch is the one whose backward all-reduces; FSDP:
+    # every forward gathers weights from all ranks. Either way rank 1's OOM at step 3 cannot be
+    # agreed in place; the group restarts from checkpoint-2 at micro-batch 1.
     monkeypatch.setenv("QWEN_DAEMON_INJECT_OOM", "3@1")
-    restarted, after, events = run_daemon_until_restarted(run_dir, "train.micro_batch_size=2", "train.grad_accum=1")
+    restarted, after, events = run_daemon_until_restarted(run_dir, f"launch.strategy={strategy}",
+                                                          "train.micro_batch_size=2", f"train.grad_accum={accum}")
     assert restarted["checkpoint"].endswith("checkpoint-2")
-    assert (after["step"], after["micro_batch_size"], after["grad_accum"]) == (3, 1, 2)
+    assert (after["step"], after["micro_batch_size"], after["grad_accum"]) == (3, 1, 2 * accum)
     recovered = [e for e in events if e.get("kind") == "oom_recovered"]
     assert recovered[-1]["restarted"] is True and recovered[-1]["micro_batch_size"] == 1
     assert not (run_dir / "restart_batch.json").exists()

@@ -55,6 +55,25 @@ def test_injected_oom_recovers_on_the_gpu(tmp_path, monkeypatch):
     assert state.step == 3 and (state.micro_batch_size, state.grad_accum) == (1, 4)
 
 
+def test_fsdp_shards_the_4bit_model_checkpoints_and_resumes_on_the_gpu(run_dir):
+    """FSDP2 through torchrun (one rank, nccl): bitsandbytes' CUDA 4-bit layers stored in bfloat16
+    and sharded, with liger; a checkpoint gathered from the shards, resumed."""
+    import shutil
+
+    from test_distributed import make_run, run_script
+
+    run = make_run(run_dir, "fsdp", "launch.strategy=fsdp", "checkpoint.every_steps=3")
+    [state] = run_script(run, 1, new_micro_batch=1, torchrun=True)
+    log = (run / "rank0.log").read_text()
+    assert "sharded over 1 processes" in log and "liger-kernel: fused" in log
+    assert state["step"] == 5 and (state["micro_batch_size"], state["grad_accum"]) == (1, 4)
+    optimizer = torch.load(run / "checkpoints" / "checkpoint-3" / "optimizer.pt", weights_only=False)
+    assert all(isinstance(name, str) for name in optimizer["state"])  # by parameter name: any process count
+    shutil.rmtree(run / "checkpoints" / "checkpoint-5")
+    [resumed] = run_script(run, 1, new_micro_batch=1, torchrun=True, extra=["--resume"])
+    assert resumed["step"] == 5 and "restored checkpoint" in (run / "rank0.log").read_text()
+
+
 async def test_the_tui_shows_the_real_gpu_and_steers_the_daemon(tmp_path):
     """The daemon on the GPU with the TUI attached (Pilot): real NVML figures and the trainer's own
     memory in the GPU panel, then p and s."""

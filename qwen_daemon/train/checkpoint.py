@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -200,7 +201,8 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, *, keep_last: int,
-                    rank_rng_states: list[dict[str, Any]] | None = None) -> Path:
+                    rank_rng_states: list[dict[str, Any]] | None = None,
+                    adapter_state: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint-<state.step> atomically, then apply retention; returns its path.
 
     ``model`` is a peft ``PeftModel``, possibly wrapped in DDP / DataParallel / torch.compile.
@@ -209,6 +211,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     the one just written; the others are deleted. Call it on one process only (rank 0 under
     DDP); it is not safe to call from two threads at once. ``rank_rng_states``: every rank's
     ``capture_rng_state()``, in rank order (under DDP each rank draws its own dropout masks).
+    ``adapter_state`` / ``optimizer_state``: what to write instead of the model's LoRA weights
+    and ``optimizer.state_dict()`` (under FSDP: gathered from the shards, by parameter name).
     """
     import torch
 
@@ -226,8 +230,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     old = root / f".old-checkpoint-{step}-{pid}"
     tmp.mkdir()
     try:
-        peft_model.save_pretrained(str(tmp), save_embedding_layers=SAVE_EMBEDDING_LAYERS)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=SAVE_EMBEDDING_LAYERS, state_dict=adapter_state)
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save({"ranks": rank_rng_states} if rank_rng_states else capture_rng_state(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n", encoding="utf-8")
@@ -409,14 +413,16 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0,
+                    load_optimizer_state: Callable[[dict], None] | None = None) -> TrainState:
     """Verify a checkpoint and restore it in place; returns its TrainState.
 
     Restores the adapter weights into ``model`` (a PeftModel, possibly wrapped), the optimizer
     and scheduler state, and the RNG states (last, so nothing here consumes randomness after
     them). Everything is read and checked against the model and optimizer before anything is
     changed. CheckpointError when the checkpoint is invalid or does not fit (different LoRA rank
-    or target modules, different optimizer parameter groups).
+    or target modules, different optimizer parameter groups). ``load_optimizer_state`` loads
+    what ``save_checkpoint`` was given as ``optimizer_state`` (default: optimizer.load_state_dict).
     """
     path = Path(path)
     verify_checkpoint(path)
@@ -435,8 +441,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
 
     for name, weights in adapters.items():
         _set_adapter_weights(path, peft_model, name, weights)
-    _load_state_dict(optimizer, optimizer_state, path / OPTIMIZER_FILE, "optimizer")
-    _load_state_dict(scheduler, scheduler_state, path / SCHEDULER_FILE, "scheduler")
+    _load_state_dict(load_optimizer_state or optimizer.load_state_dict, optimizer_state, path / OPTIMIZER_FILE,
+                     "optimizer")
+    _load_state_dict(scheduler.load_state_dict, scheduler_state, path / SCHEDULER_FILE, "scheduler")
     if "ranks" in rng_state:  # one state per rank; on more ranks than saved, wrap around
         rng_state = rng_state["ranks"][rank % len(rng_state["ranks"])]
     _restore_rng_state(rng_state)
@@ -444,11 +451,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
     return state
 
 
-def _load_state_dict(target, state: dict, path: Path, what: str) -> None:
+def _load_state_dict(load: Callable[[dict], None], state: dict, path: Path, what: str) -> None:
     try:
-        target.load_state_dict(state)
+        load(state)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path}: does not fit this {what} ({e}); resume with the same {what} settings") from e
+        raise CheckpointError(f"{path}: does not fit this {what} ({e}); resume with the {what} settings of the run "
+                              "that wrote it (launch.strategy decides the optimizer)") from e
 
 
 def _torch_load(path: Path):

@@ -7,9 +7,10 @@ optimizer step: apply pending commands, take the step's micro-batches, forward/b
 gradient accumulation (an OOM halves the micro-batch and redoes the same step), clip, step, log,
 evaluate, checkpoint. Then save the final adapter and check it by generating answers.
 
-Distributed-ready: rank and world size come from torchrun's environment; every rank takes its own
+Distributed: rank and world size come from torchrun's environment; every rank takes its own
 slice of each step's units (batching.step_plan) and the loss is normalised by the label tokens
-of the whole step on all ranks.
+of the whole step on all ranks. The model is replicated (DDP over the LoRA weights) or sharded
+(FSDP2, `launch.strategy: fsdp`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Run:
     injected_hang: dict[int, int] = field(default_factory=dict)
     saved_step: int | None = None
     ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
+    sharded: bool = False  # the model is sharded with FSDP2 (launch.strategy fsdp under torchrun)
     busy: float = 0.0  # this rank's compute seconds in the last step
     slow_steps: dict[int, int] = field(default_factory=dict)  # rank -> steps in a row it was slow
     # Loss scaling, active only for float16 compute (GPUs without bf16); a no-op otherwise.
@@ -115,7 +117,8 @@ def _train(r: Run, resume: bool) -> TrainState:
     t = r.cfg.train
     units = r.units(r.state.epoch)
     r.sinks.event("train_start", step=r.state.step, total_steps=r.total_steps, resumed=resume,
-                  micro_batch_size=r.state.micro_batch_size, grad_accum=r.state.grad_accum)
+                  micro_batch_size=r.state.micro_batch_size, grad_accum=r.state.grad_accum,
+                  processes=r.world_size, strategy=r.cfg.launch.strategy)
     while r.state.step < r.total_steps:
         apply_commands(r)
         if r.stopping:
@@ -126,7 +129,8 @@ def _train(r: Run, resume: bool) -> TrainState:
         started = time.perf_counter()
         loss, tokens = optimizer_step(r, units)
         r.scaler.unscale_(r.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(r.model), t.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(r.model), t.max_grad_norm)
+        grad_norm = (grad_norm.full_tensor() if r.sharded else grad_norm).item()
         r.scaler.step(r.optimizer)  # skips the step if float16 gradients overflowed
         r.scaler.update()
         r.scheduler.step()
@@ -162,7 +166,7 @@ def _train(r: Run, resume: bool) -> TrainState:
 def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_sinks: tuple = ()) -> Run:
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(rank)
-    if world_size > 1 and not torch.distributed.is_initialized():
+    if "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():  # started by torchrun
         # A collective that waits longer than this fails the worker; the supervisor restarts them all.
         torch.distributed.init_process_group(backend=backend(cfg, device),
                                              timeout=timedelta(seconds=cfg.launch.collective_timeout_s))
@@ -179,13 +183,19 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     splits = data.splits
     if len(splits["train"]) == 0:
         raise TrainingError(f"no training sample in {cfg.data.paths}; `qwen-daemon data check` shows why")
+    if cfg.launch.strategy == "fsdp" and compute_dtype(cfg, device) == torch.float16:
+        raise TrainingError("launch.strategy fsdp needs bfloat16 or float32 compute and this device computes in "
+                            "float16 (model.compute_dtype); use launch.strategy ddp here")
     model = load_model(cfg, device)
-    ddp = wrap_ddp(model, device) if world_size > 1 else None
+    sharded = cfg.launch.strategy == "fsdp" and torch.distributed.is_initialized()
+    if sharded:
+        shard_fsdp(model)
+    ddp = wrap_ddp(model, device) if world_size > 1 and not sharded else None
     optimizer = make_optimizer(model, cfg)
     state = TrainState(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
     sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
     r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
-            world_size, rank, ddp=ddp)
+            world_size, rank, ddp=ddp, sharded=sharded)
     if os.environ.get(RESTARTS_ENV, "0") == "0":  # faults are injected into the first worker group only
         r.injected_oom = parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank)
         r.injected_hang = parse_injected_oom(os.environ.get(INJECT_HANG_ENV, ""), rank)
@@ -196,7 +206,8 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
         path = latest_valid_checkpoint(run_dir)
         if path is None:
             raise TrainingError(f"nothing to resume: no valid checkpoint in {run_dir / 'checkpoints'}")
-        r.state = load_checkpoint(path, model, optimizer, r.scheduler, rank=rank)
+        r.state = load_checkpoint(path, model, optimizer, r.scheduler, rank=rank,
+                                  load_optimizer_state=lambda state: load_optimizer_state(r, state))
         sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
         if r.state.processes != world_size:
             keep_global_batch(r)
@@ -224,6 +235,25 @@ def wrap_ddp(model, device: torch.device):
     ignored += [name for name, _ in model.named_buffers()]  # rotary tables: computed, the same everywhere
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard_fsdp(model) -> None:
+    """FSDP2 (fully_shard): each decoder layer is a unit whose parameters (4-bit base, norms,
+    LoRA) are gathered just before it runs and freed after; the rest (embeddings, final norm,
+    head) belong to the root. Gradients are reduce-scattered, so each rank keeps and updates
+    only its shard of the LoRA weights and of the optimizer state."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise TrainingError(f"launch.strategy fsdp: {type(model.get_base_model()).__name__} names no decoder layer "
+                            "class (_no_split_modules) to shard by; use launch.strategy ddp")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    log.info("FSDP: %d %s units and the root sharded over %d processes", len(layers), type(layers[0]).__name__,
+             torch.distributed.get_world_size())
 
 
 def apply_restart_batch(r: Run) -> None:
@@ -283,10 +313,14 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(model, cfg: Config):
-    """bitsandbytes paged 8-bit AdamW (paging needs CUDA: plain 8-bit AdamW on CPU)."""
+    """bitsandbytes paged 8-bit AdamW (paging needs CUDA: plain 8-bit AdamW on CPU); under
+    launch.strategy fsdp torch's AdamW, as bitsandbytes' optimizers cannot update sharded
+    parameters (its state is sharded instead: each rank holds 1/N of it)."""
     import bitsandbytes as bnb
 
     params = trainable(model)
+    if cfg.launch.strategy == "fsdp":
+        return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
     paged = params[0].device.type == "cuda"
     adamw = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     return adamw(params, lr=cfg.train.learning_rate, weight_decay=0.0)
@@ -371,6 +405,8 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             # collective at all (DDP's forward may rebuild its buckets, a broadcast), so that a rank
             # that skips them after an OOM leaves nobody waiting.
             model = r.ddp if last and r.ddp is not None else r.model
+            if r.sharded:  # FSDP reduce-scatters the accumulated gradients after the last one
+                r.model.set_requires_gradient_sync(last)
             began = time.perf_counter()
             with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
@@ -384,8 +420,8 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
         except torch.OutOfMemoryError as e:
             if r.world_size == 1:
                 raise
-            if last:  # the other ranks are in DDP's all-reduce already: no agreement possible
-                raise SynchronisedOOM(str(e)) from e
+            if last or r.sharded:  # the others wait in a collective (DDP's all-reduce, FSDP's
+                raise SynchronisedOOM(str(e)) from e  # gathers): no agreement possible
             failed = e
     if r.world_size > 1:
         torch.distributed.all_reduce(total)  # the step's loss over all ranks
@@ -423,8 +459,8 @@ def watch_stragglers(r: Run, compute_s: list[float]) -> None:
 
 
 def leave_batch_for_restart(r: Run, error: Exception) -> None:
-    """This rank ran out of memory in the micro-batch whose backward synchronises the ranks; the
-    others wait in DDP's all-reduce. Leave the halved batch size for the restart and let the
+    """This rank ran out of memory in the micro-batch whose backward synchronises the ranks (or,
+    under FSDP, in any micro-batch); the others wait in a collective. Leave the halved batch size for the restart and let the
     exception end this process: torchrun's agent then ends the other ranks and the daemon restarts
     them all from the newest checkpoint."""
     s = r.state
@@ -510,16 +546,21 @@ def evaluate(r: Run) -> float | None:
     r.model.eval()
     dtype = compute_dtype(r.cfg, r.device)
     loss_sum, label_tokens = 0.0, 0
+    mbs, per_round = r.state.micro_batch_size, r.state.micro_batch_size * r.world_size
     with torch.no_grad():
-        for k in range(r.rank * r.state.micro_batch_size, len(units), r.state.micro_batch_size * r.world_size):
-            batch = collate([[ds[i] for i in unit] for unit in units[k:k + r.state.micro_batch_size]],
+        # The same number of forwards on every rank (FSDP gathers weights in each): a rank with
+        # nothing left runs the first unit again and does not count it.
+        for start in range(r.rank * mbs, math.ceil(len(units) / per_round) * per_round, per_round):
+            share = units[start:start + mbs]
+            batch = collate([[ds[i] for i in unit] for unit in share or units[:1]],
                             packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
                             flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
             inputs = {key: batch[key].to(r.device) for key in MODEL_INPUTS if key in batch}
             with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 out = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, batch["num_label_tokens"]))
-            loss_sum += out.loss.item() * batch["num_label_tokens"]
-            label_tokens += batch["num_label_tokens"]
+            if share:
+                loss_sum += out.loss.item() * batch["num_label_tokens"]
+                label_tokens += batch["num_label_tokens"]
     r.model.train()
     if r.world_size > 1:
         t = torch.tensor([loss_sum, label_tokens], device=r.device, dtype=torch.float64)
@@ -543,13 +584,44 @@ def save(r: Run) -> Path | None:
     if r.world_size > 1:
         rng_states = [None] * r.world_size if r.is_main else None
         torch.distributed.gather_object(capture_rng_state(), rng_states, dst=0)
+    adapter, optimizer = (lora_state(r) if r.sharded else None), optimizer_state(r)
     if not r.is_main:
         return None
     r.sinks.event("saving", step=r.state.step)
     path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler, keep_last=r.cfg.checkpoint.keep_last,
-                           rank_rng_states=rng_states)
+                           rank_rng_states=rng_states, adapter_state=adapter, optimizer_state=optimizer)
     r.sinks.event("checkpoint", step=r.state.step, path=str(path))
     return path
+
+
+def lora_state(r: Run) -> dict[str, torch.Tensor]:
+    """The whole LoRA weights on the CPU, by parameter name; under FSDP every rank must call
+    this (each weight is gathered from its shards)."""
+    return {name: (p.full_tensor() if r.sharded else p).detach().cpu()
+            for name, p in r.model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(r: Run) -> dict[str, Any] | None:
+    """Under launch.strategy fsdp, the optimizer's whole state by parameter name, gathered from
+    the shards to rank 0 (every rank calls this), so that it loads on any number of processes.
+    None otherwise: the checkpoint takes optimizer.state_dict()."""
+    if r.cfg.launch.strategy != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(r.model, r.optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if r.is_main else None
+
+
+def load_optimizer_state(r: Run, state: dict[str, Any]) -> None:
+    if r.cfg.launch.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(r.model, r.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        r.optimizer.load_state_dict(state)
 
 
 # --- commands at the step boundary --------------------------------------------------------------
@@ -622,10 +694,11 @@ def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool 
 # --- the end: final adapter and an inference check ------------------------------------------------
 
 def finish(r: Run) -> None:
+    adapter = lora_state(r) if r.sharded else None  # (a collective under FSDP)
     if not r.is_main:
         return
     final = r.run_dir / "final"
-    r.model.save_pretrained(final)
+    r.model.save_pretrained(final, state_dict=adapter)
     r.tokenizer.save_pretrained(final)
     r.sinks.event("final_saved", step=r.state.step, path=str(final))
     questions = [row for row in r.splits["test"].select(range(min(3, len(r.splits["test"]))))]

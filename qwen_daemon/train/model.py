@@ -134,8 +134,13 @@ def bnb_config(cfg: Config, dtype):
         raise ModelLoadError(f"bitsandbytes cannot be used on this machine ({type(e).__name__}: {e}); "
                              "install a bitsandbytes build for this device, or train plain LoRA with "
                              "--set model.load_in_4bit=false") from None
+    # Under FSDP the packed 4-bit weights are stored in the compute dtype (two bytes hold four
+    # weights) instead of uint8: a layer's parameters are then gathered in one dtype, and no
+    # dtype cast on FSDP's side can turn the packed bytes into numbers.
+    storage = {"bnb_4bit_quant_storage": dtype} if cfg.launch.strategy == "fsdp" else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.quant_type,
-                              bnb_4bit_use_double_quant=cfg.model.double_quant, bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_use_double_quant=cfg.model.double_quant, bnb_4bit_compute_dtype=dtype,
+                              **storage)
 
 
 def _check_gpu_memory(model_config, cfg: Config, device) -> None:
