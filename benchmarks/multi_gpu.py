@@ -53,7 +53,7 @@ def measure(root: Path, data: Path, processes: int, strategy: str, args) -> dict
         f"launch.strategy={strategy}", f"launch.num_processes={processes}", f"run.runs_root={root}"])
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                    __file__, "--worker", str(run)], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                    __file__, "--worker", str(run)], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     steps = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if m["kind"] == "train"][args.warmup:]
     return {"processes": processes, "strategy": strategy, "steps": len(steps),

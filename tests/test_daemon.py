@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -16,8 +17,13 @@ from shared.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 180_000
-# Child processes find the repo first, and whatever else the test run has (the GPU machine's wheels).
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a daemon or CLI process: this one's as it is now (a test's monkeypatched
+    variables included), the repository first on the path, then whatever else the test run has
+    (the GPU machine's wheels)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 class Client:
@@ -40,8 +46,10 @@ class Client:
         assert reply["id"] == id
         return reply
 
-    def wait_for(self, predicate):
+    def wait_for(self, predicate, timeout_s: float = 600):
+        deadline = time.monotonic() + timeout_s
         while True:
+            assert time.monotonic() < deadline, f"nothing matched within {timeout_s} s"
             assert self.sub.poll(TIMEOUT_MS), "telemetry went quiet"
             message = protocol.decode_message(self.sub.recv_multipart())
             if predicate(message):
@@ -58,7 +66,7 @@ def worker_pid(client) -> int:
 
 
 def start_supervisor(run_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=child_env(),
                             stdout=subprocess.PIPE, text=True)
     ready = proc.stdout.readline().split()  # "ready <control> <telemetry>" once the sockets are bound
     assert ready and ready[0] == "ready", ready
@@ -131,7 +139,7 @@ def test_garbage_on_the_control_socket_never_stops_the_run(run_dir):
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], cwd=cwd, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], cwd=cwd, env=child_env(), capture_output=True,
                           text=True, timeout=TIMEOUT_MS / 1000)
 
 
@@ -296,7 +304,7 @@ def test_curve_lets_authorised_clients_in_and_nobody_else(run_dir, tmp_path):
 
 def test_a_non_loopback_endpoint_without_keys_is_refused(run_dir):
     with_listen(run_dir, "daemon.listen=[tcp://0.0.0.0:5999]")
-    out = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
+    out = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=child_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "non-loopback" in out.stderr and "keys generate" in out.stderr
@@ -324,7 +332,7 @@ def test_a_retried_request_is_replayed_not_executed_twice(run_dir):
 
 def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
     with running(run_dir) as (proc, client):
-        second = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=ENV,
+        second = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=child_env(),
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "already has a daemon" in second.stderr
         assert client.call("ping")["ok"]  # the first one is untouched

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shared.config import load_config
-from test_daemon import ENV
+from test_daemon import child_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "ddp_train.py")
@@ -34,7 +34,7 @@ def run_script(run, processes, new_micro_batch, env=None, extra=(), torchrun=Non
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
                 if torchrun or (torchrun is None and processes > 1) else [sys.executable])
     result = subprocess.run([*launcher, SCRIPT, str(run), str(new_micro_batch), *extra], capture_output=True, text=True,
-                            timeout=600, env={**ENV, "OMP_NUM_THREADS": "1", **(env or {})})
+                            timeout=600, env={**child_env(), "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((run / f"state-rank{r}.json").read_text()) for r in range(processes)]
 

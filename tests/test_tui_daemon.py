@@ -17,7 +17,7 @@ from qwen_tui.widgets.events_pane import EventsPane
 from qwen_tui.widgets.gpu_panel import GpuPanel
 from qwen_tui.widgets.header import RunHeader
 from shared.runs import live_daemon
-from test_daemon import ENV, running
+from test_daemon import child_env, running
 from test_tui_app import text, until
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +58,7 @@ async def test_every_control_against_the_real_daemon(run_dir):
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_attach_in_tmux_and_pause_with_p(run_dir, tmp_path):
     def qwen_daemon(*args, check=True):
-        return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], env=ENV, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], env=child_env(), capture_output=True, text=True,
                               check=check, timeout=600)
 
     qwen_daemon("start", "--config", str(run_dir / "config.yaml"), "--set", "run.name=e2e")

@@ -15,6 +15,7 @@ of the whole step on all ranks. The model is replicated (DDP over the LoRA weigh
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor.experimental import implicit_replication
 
 from qwen_daemon.launch import BACKEND_ENV, RESTARTS_ENV
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
@@ -206,8 +208,11 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
         path = latest_valid_checkpoint(run_dir)
         if path is None:
             raise TrainingError(f"nothing to resume: no valid checkpoint in {run_dir / 'checkpoints'}")
-        r.state = load_checkpoint(path, model, optimizer, r.scheduler, rank=rank,
-                                  load_optimizer_state=lambda state: load_optimizer_state(r, state))
+        # Under FSDP the checkpoint's whole tensors are copied into sharded parameters: treated as
+        # replicated, each rank keeps its shard (peft's loader alone fails on older torch/peft).
+        with implicit_replication() if sharded else contextlib.nullcontext():
+            r.state = load_checkpoint(path, model, optimizer, r.scheduler, rank=rank,
+                                      load_optimizer_state=lambda state: load_optimizer_state(r, state))
         sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
         if r.state.processes != world_size:
             keep_global_batch(r)
