@@ -191,7 +191,7 @@ class Supervisor:
             self.logs.append({"ts": now, **body})  # the snapshot's lines carry their time
         elif topic == "event":
             self.events.append({"ts": now, **body})
-            if body.get("kind") in ("command_applied", "oom_recovered"):
+            if body.get("kind") in ("command_applied", "oom_recovered", "batch_restored"):
                 self.note_figures(body)
         elif topic == "gpu":
             self.gpu = body
@@ -277,8 +277,18 @@ class Supervisor:
         if "error" not in self.reported and self.restarts < self.cfg.daemon.max_restarts:
             self.restarts += 1
             checkpoint = latest_valid_checkpoint(self.run_dir)
-            self.publish("event", {"kind": "worker_restarted", "exit_code": code, "restart": self.restarts,
-                                   "checkpoint": str(checkpoint) if checkpoint else None, "ts": time.time()})
+            restarted = {"ts": time.time(), "kind": "worker_restarted", "exit_code": code, "restart": self.restarts,
+                         "checkpoint": str(checkpoint) if checkpoint else None}
+            self.publish("event", restarted)
+            f = self.figures
+            if not (self.run_dir / runs.RESTART_BATCH).exists() and "grad_accum" in f:
+                # The batch size in effect now, which a command may have changed since the
+                # checkpoint (a worker's own file, after an OOM, is newer: it stays).
+                runs.write_restart_batch(self.run_dir, f["micro_batch_size"], f["grad_accum"], self.processes,
+                                         reason="restart")
+            # Into the run's own record too (the workers write the rest; none is running now).
+            with open(self.run_dir / runs.EVENTS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(restarted) + "\n")
             self.spawn(resume=checkpoint is not None)
             return True
         errors = [e["message"] for e in self.events if e.get("kind") in ("error", "crash")]

@@ -215,7 +215,7 @@ class RunView:
             return  # evaluations and saves come and go every few steps; the header shows them
         self.events.append({**body, "ts": ts if ts is not None else body.get("ts")})
         self.events_total += 1
-        if body.get("kind") in ("oom_recovered", "command_applied", "resumed", "train_start"):
+        if body.get("kind") in ("oom_recovered", "batch_restored", "command_applied", "resumed", "train_start"):
             # The new batch size shows before the next metrics record (not the event's step: a
             # run's files are read metrics first, then events).
             self._apply_status({k: body.get(k) for k in ("micro_batch_size", "grad_accum", "total_steps")})
@@ -493,6 +493,9 @@ def describe_event(event: dict) -> str:
     if kind == "oom_recovered":
         return (f"out of memory: micro-batch now {event.get('micro_batch_size')} x accumulation "
                 f"{event.get('grad_accum')}")
+    if kind == "batch_restored":
+        return (f"after the restart: micro-batch {event.get('micro_batch_size')} x accumulation "
+                f"{event.get('grad_accum')} again")
     if kind == "oom_fatal":
         return f"out of memory at micro-batch 1: {event.get('message', 'the run cannot go on')}"
     if kind == "worker_restarted":
@@ -511,9 +514,11 @@ def describe_event(event: dict) -> str:
     if kind == "resumed":
         return f"resumed from {Path(str(event.get('checkpoint', ''))).name} ({event.get('samples_seen')} samples seen)"
     if kind == "train_start":
+        processes = event.get("processes") or 1
+        spread = f" on {processes} processes ({event.get('strategy', 'ddp')})" if processes > 1 else ""
         return (f"training {'continues' if event.get('resumed') else 'starts'}: micro-batch "
                 f"{event.get('micro_batch_size')} x accumulation {event.get('grad_accum')}, "
-                f"{event.get('total_steps', '?')} steps")
+                f"{event.get('total_steps', '?')} steps{spread}")
     if kind == "state":
         reason = f" ({event['reason']})" if event.get("reason") else ""
         return f"{event.get('previous') or 'start'} → {event.get('state')}{reason}"

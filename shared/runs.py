@@ -16,6 +16,16 @@ DAEMON_LOG = "daemon.log"
 DATA_REPORT = "data_report.json"
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
+# The batch size restarted workers must use when it differs from their checkpoint's (an OOM, or a
+# command since the checkpoint); written atomically, read and removed by the workers.
+RESTART_BATCH = "restart_batch.json"
+
+
+def write_restart_batch(run: Path, micro_batch_size: int, grad_accum: int, processes: int, reason: str) -> None:
+    batch = {"micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "processes": processes, "reason": reason}
+    tmp = run / f".{RESTART_BATCH}.tmp"
+    tmp.write_text(json.dumps(batch), encoding="utf-8")
+    os.replace(tmp, run / RESTART_BATCH)
 
 
 def default_run_name(config_path: str | Path | None) -> str:

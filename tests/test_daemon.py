@@ -187,17 +187,25 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
 
     with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "checkpoint")
+        # A batch-size change after the checkpoint survives the restart from it.
+        changed_at = client.call("set_batch_size", micro_batch_size=1)["result"]["step"]
         os.kill(worker_pid(client), signal.SIGKILL)
         restarted = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "worker_restarted")
         checkpoint_step = int(restarted["body"]["checkpoint"].rsplit("-", 1)[1])
         assert checkpoint_step >= 5 and checkpoint_step % 5 == 0
         resumed = client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "resumed")
         assert resumed["body"]["step"] == checkpoint_step
-        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] == checkpoint_step + 1)
+        after = client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] == checkpoint_step + 1)
+        assert (after["body"]["micro_batch_size"], after["body"]["grad_accum"]) == (1, 4)
         steps = [m["step"] for m in client.call("snapshot")["result"]["metrics"] if m["kind"] == "train"]
         assert steps == list(range(1, checkpoint_step + 2))  # the redone steps replace the lost ones
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    # The run's files tell the whole story (the checkpoint of the step the change was applied at
+    # was written just before it).
+    assert kinds.index("worker_restarted") < kinds.index("resumed")
+    assert ("batch_restored" in kinds) == (checkpoint_step <= changed_at)
 
 
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(run_dir):

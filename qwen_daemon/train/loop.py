@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 STRAGGLER_RATIO, STRAGGLER_STEPS = 1.2, 5
 INJECT_HANG_ENV = "QWEN_DAEMON_INJECT_HANG"  # "3@1": rank 1 stops answering at step 3 (tests)
-RESTART_BATCH = "restart_batch.json"  # the batch size a restart after a synchronised OOM must use
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
 
@@ -262,19 +261,24 @@ def shard_fsdp(model) -> None:
 
 
 def apply_restart_batch(r: Run) -> None:
-    """After a restart caused by an OOM in the synchronising micro-batch: the halved batch size."""
-    path = r.run_dir / RESTART_BATCH
+    """After a restart: the batch size in effect when the workers ended, where it differs from the
+    checkpoint's (halved by an OOM that could not be agreed in place, or changed by a command
+    after the checkpoint)."""
+    path = r.run_dir / runs.RESTART_BATCH
     if not path.exists():
         return
     batch = json.loads(path.read_text(encoding="utf-8"))
     barrier(r.world_size)  # every rank has read it ...
     if r.is_main:
         path.unlink()  # ... before it goes
-    if batch.get("processes") != r.world_size:
+    s = r.state
+    if batch.get("processes") != r.world_size or (batch["micro_batch_size"], batch["grad_accum"]) == (
+            s.micro_batch_size, s.grad_accum):
         return
-    r.state.micro_batch_size, r.state.grad_accum = batch["micro_batch_size"], batch["grad_accum"]
-    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=r.state.micro_batch_size,
-                  grad_accum=r.state.grad_accum, restarted=True)
+    s.micro_batch_size, s.grad_accum = batch["micro_batch_size"], batch["grad_accum"]
+    kind = "oom_recovered" if batch.get("reason") == "oom" else "batch_restored"
+    r.sinks.event(kind, step=s.step + 1, micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum,
+                  restarted=True)
 
 
 def keep_global_batch(r: Run) -> None:
@@ -474,10 +478,7 @@ def leave_batch_for_restart(r: Run, error: Exception) -> None:
         raise TrainingError(f"out of memory on rank {r.rank} at step {s.step + 1} with micro-batch 1 ({error}); "
                             "lower data.max_seq_len or use a larger GPU") from None
     accum = s.micro_batch_size * s.grad_accum // new_mbs
-    batch = {"micro_batch_size": new_mbs, "grad_accum": accum, "processes": r.world_size}
-    tmp = r.run_dir / f".{RESTART_BATCH}.tmp"
-    tmp.write_text(json.dumps(batch), encoding="utf-8")
-    os.replace(tmp, r.run_dir / RESTART_BATCH)
+    runs.write_restart_batch(r.run_dir, new_mbs, accum, r.world_size, reason="oom")
     log.error("rank %d: out of memory in the synchronising micro-batch of step %d; all ranks restart from the "
               "newest checkpoint with micro-batch %d x accumulation %d", r.rank, s.step + 1, new_mbs, accum)
 
