@@ -103,8 +103,8 @@ def main() -> None:
     finally:
         cli("ctl", "stop", *ctl, env=env)
     for e in events(run):
-        if e["kind"] in ("train_start", "command_applied", "oom_recovered", "crash", "worker_restarted", "resumed",
-                         "stopped", "straggler"):
+        if e["kind"] in ("train_start", "command_applied", "oom_recovered", "batch_restored", "crash",
+                         "worker_restarted", "resumed", "stopped", "straggler"):
             print(json.dumps(e, ensure_ascii=False)[:400])
     for log in sorted(run.glob("*.log")):
         print(f"--- {log.name}: commands as the ranks applied them")
