@@ -287,8 +287,8 @@ class Supervisor:
                 runs.write_restart_batch(self.run_dir, f["micro_batch_size"], f["grad_accum"], self.processes,
                                          reason="restart")
             # Into the run's own record too (the workers write the rest; none is running now).
-            with open(self.run_dir / runs.EVENTS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(restarted) + "\n")
+            with open(self.run_dir / runs.EVENTS, "a", encoding="utf-8") as out:
+                out.write(json.dumps(restarted) + "\n")
             self.spawn(resume=checkpoint is not None)
             return True
         errors = [e["message"] for e in self.events if e.get("kind") in ("error", "crash")]

@@ -240,3 +240,13 @@ def test_a_missing_local_model_is_a_clear_error(tmp_path, data_dir):
                    "model.tokenizer=builtin:qwen3-tokenizer")
     with pytest.raises(ModelLoadError, match=r"no-such-model.*no such model directory"):
         train(cfg, run_dir(cfg))
+
+
+def test_a_checkpoint_does_not_resume_under_the_other_strategy(tmp_path, data_dir):
+    from qwen_daemon.train.checkpoint import CheckpointError
+
+    ddp = make_cfg(tmp_path, data_dir, "train.max_steps=1")
+    train(ddp, run_dir(ddp))  # bitsandbytes' 8-bit AdamW
+    fsdp = make_cfg(tmp_path, data_dir, "train.max_steps=2", "launch.strategy=fsdp")  # torch's AdamW
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: does not fit this optimizer .*launch.strategy"):
+        train(fsdp, run_dir(fsdp), resume=True)

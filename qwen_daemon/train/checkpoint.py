@@ -455,8 +455,9 @@ def _load_state_dict(load: Callable[[dict], None], state: dict, path: Path, what
     try:
         load(state)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        hint = " (launch.strategy decides the optimizer)" if what == "optimizer" else ""
         raise CheckpointError(f"{path}: does not fit this {what} ({e}); resume with the {what} settings of the run "
-                              "that wrote it (launch.strategy decides the optimizer)") from e
+                              f"that wrote it{hint}") from e
 
 
 def _torch_load(path: Path):
