@@ -73,11 +73,12 @@ def main() -> None:
     args = p.parse_args()
     root = Path(tempfile.mkdtemp())
     run = root / "faults"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     settings = ["run.name=faults", f"run.runs_root={root}", "train.max_steps=100000", "checkpoint.every_steps=5",
                 "train.eval_every_steps=1000", "train.inference_check_tokens=0", *args.set]
-    from qwen_daemon.launch import processes
+    from qwen_daemon.launch import child_env, processes
     from shared.config import load_config
+
+    env = child_env()
 
     n = processes(load_config(REPO / args.config, settings))
     last = n - 1

@@ -41,19 +41,20 @@ def worker(run: Path) -> None:
 
 
 def measure(root: Path, data: Path, processes: int, strategy: str, args) -> dict:
+    from qwen_daemon.launch import child_env
     from shared.config import load_config
 
     run = root / f"{processes}-{strategy}"
     run.mkdir()
     cfg = load_config(REPO / "configs" / "qwen3-4b-thinking.yaml", [
-        f"model.name_or_path={args.model}", f"model.tokenizer=builtin:qwen3-tokenizer", f"data.paths=[{data}]",
+        f"model.name_or_path={args.model}", "model.tokenizer=builtin:qwen3-tokenizer", f"data.paths=[{data}]",
         f"data.terms={REPO / 'data' / 'crypto_terms.tsv'}", f"train.max_steps={args.steps}",
         f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum={args.grad_accum}",
         "train.eval_every_steps=100000", "checkpoint.every_steps=100000", "train.inference_check_tokens=0",
         f"launch.strategy={strategy}", f"launch.num_processes={processes}", f"run.runs_root={root}"])
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                    __file__, "--worker", str(run)], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                    __file__, "--worker", str(run)], check=True, env=child_env())
     steps = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if m["kind"] == "train"][args.warmup:]
     return {"processes": processes, "strategy": strategy, "steps": len(steps),
@@ -93,8 +94,9 @@ def main() -> None:
     single = {r["strategy"]: r["tokens_per_s"] for r in results if r["processes"] == 1}
     for r in results:
         if r["processes"] > 1 and r["strategy"] in single:
+            efficiency = r["tokens_per_s"] / (r["processes"] * single[r["strategy"]])
             print(json.dumps({"strategy": r["strategy"], "processes": r["processes"],
-                              "scaling_efficiency": round(r["tokens_per_s"] / (r["processes"] * single[r["strategy"]]), 3)}))
+                              "scaling_efficiency": round(efficiency, 3)}))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qwen_daemon import launch
 from shared import runs
 from shared.config import Config, ConfigError, load_config
 
@@ -145,10 +146,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         except RuntimeError as e:
             raise DataError(str(e)) from None
     cmd = [sys.executable, "-m", "qwen_daemon.supervisor", str(run)] + (["--resume"] if args.resume else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                     os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env, text=True)  # survives the SSH session
+                            start_new_session=True, env=launch.child_env(), text=True)  # survives the SSH session
     ready = proc.stdout.readline().split()
     if ready and ready[0] == "ready" and not _call(run, "ping", {}, timeout=30)["ok"]:
         ready = []  # bound but not answering

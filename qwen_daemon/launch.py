@@ -5,6 +5,7 @@ newest checkpoint, which it also does for a single worker."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from shared.config import Config
 
 BACKEND_ENV = "QWEN_DAEMON_BACKEND"  # the backend the supervisor chose, for the workers
 RESTARTS_ENV = "QWEN_DAEMON_RESTARTS"  # how many times the workers were restarted (0 at first)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a process we start (the daemon, its workers, a benchmark's runs): this
+    one's as it is now, with this checkout first on the path (then whatever else is there, e.g. a
+    machine's extra wheels)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def processes(cfg: Config) -> int:

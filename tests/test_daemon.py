@@ -12,18 +12,12 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from qwen_daemon.launch import child_env  # as the environment is now: a test's monkeypatched variables reach it
 from shared import protocol
 from shared.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_MS = 180_000
-
-
-def child_env() -> dict[str, str]:
-    """The environment for a daemon or CLI process: this one's as it is now (a test's monkeypatched
-    variables included), the repository first on the path, then whatever else the test run has
-    (the GPU machine's wheels)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 class Client:

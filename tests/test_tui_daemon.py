@@ -58,8 +58,8 @@ async def test_every_control_against_the_real_daemon(run_dir):
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
 def test_attach_in_tmux_and_pause_with_p(run_dir, tmp_path):
     def qwen_daemon(*args, check=True):
-        return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], env=child_env(), capture_output=True, text=True,
-                              check=check, timeout=600)
+        return subprocess.run([sys.executable, "-m", "qwen_daemon", *args], env=child_env(), capture_output=True,
+                              text=True, check=check, timeout=600)
 
     qwen_daemon("start", "--config", str(run_dir / "config.yaml"), "--set", "run.name=e2e")
     run = run_dir.parent / "e2e"

@@ -469,9 +469,9 @@ def watch_stragglers(r: Run, compute_s: list[float]) -> None:
 
 def leave_batch_for_restart(r: Run, error: Exception) -> None:
     """This rank ran out of memory in the micro-batch whose backward synchronises the ranks (or,
-    under FSDP, in any micro-batch); the others wait in a collective. Leave the halved batch size for the restart and let the
-    exception end this process: torchrun's agent then ends the other ranks and the daemon restarts
-    them all from the newest checkpoint."""
+    under FSDP, in any micro-batch); the others wait in a collective. Leave the halved batch size
+    for the restart and let the exception end this process: torchrun's agent then ends the other
+    ranks and the daemon restarts them all from the newest checkpoint."""
     s = r.state
     new_mbs = halved_divisor(s.micro_batch_size, s.micro_batch_size * s.grad_accum)
     if new_mbs is None:
