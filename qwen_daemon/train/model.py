@@ -70,7 +70,7 @@ def load_model(cfg: Config, device):
     path = resolve_model_path(cfg.model.name_or_path)
     model_config = _from_pretrained(AutoConfig.from_pretrained, path, "model config")
     dtype = compute_dtype(cfg, device)
-    kwargs = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
+    kwargs = {"dtype": dtype, "attn_implementation": attention_implementation(cfg, device)}
     if cfg.model.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(cfg, dtype)
     if device.type == "cuda":
@@ -84,11 +84,6 @@ def load_model(cfg: Config, device):
     # Not peft's prepare_model_for_kbit_training: it upcasts every non-quantised weight (the
     # 151936-row embedding included) to float32, which costs memory and speed for nothing here.
     model.requires_grad_(False)
-    if cfg.train.grad_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
                       use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM")
@@ -96,6 +91,14 @@ def load_model(cfg: Config, device):
     for p in model.parameters():  # LoRA weights train in float32 for a stable optimizer state
         if p.requires_grad:
             p.data = p.data.float()
+    from qwen_daemon.train.checkpointing import set_checkpointing
+    from qwen_daemon.train.fused import fuse
+
+    if cfg.model.fused_lora:
+        fused = fuse(model)
+        log.info("fused LoRA: %d MLPs and %d projections", fused["mlp"], fused["linear"])
+    # Every layer recomputed until the memory plan (memory.py) says otherwise.
+    set_checkpointing(model, None if cfg.train.grad_checkpointing else 0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("model %s on %s, %s, compute %s: %d trainable of %d parameters (%.3f%%)", cfg.model.name_or_path,
@@ -107,6 +110,25 @@ def load_model(cfg: Config, device):
     # logit-free loss are all off.
     model.train()
     return model
+
+
+def attention_implementation(cfg: Config, device) -> str:
+    """`model.attn_implementation`, with auto resolved: sdpa_varlen for packed rows on a CUDA GPU
+    where torch has the varlen kernel, else sdpa."""
+    from qwen_daemon.train import attention
+
+    chosen = cfg.model.attn_implementation
+    if chosen == "auto":
+        chosen = "sdpa_varlen" if cfg.data.packing and device.type == "cuda" and attention.varlen_available() \
+            else "sdpa"
+    if chosen == attention.NAME:
+        attention.register()
+    return chosen
+
+
+def flattened(cfg: Config, device) -> bool:
+    """Whether a micro-batch is one row with the samples' boundaries (varlen attention)."""
+    return attention_implementation(cfg, device) in ("sdpa_varlen", "flash_attention_2") and cfg.data.packing
 
 
 def apply_liger(model) -> None:
@@ -144,7 +166,8 @@ def bnb_config(cfg: Config, dtype):
 
 
 def _check_gpu_memory(model_config, cfg: Config, device) -> None:
-    """Refuse to load what cannot fit: weights estimate against free GPU memory, before loading."""
+    """Refuse to load weights that cannot fit the free GPU memory. What training needs beyond the
+    weights is measured after loading (memory.py), not guessed here."""
     import torch
 
     free, _total = torch.cuda.mem_get_info(device)
@@ -156,14 +179,10 @@ def _check_gpu_memory(model_config, cfg: Config, device) -> None:
     linear = layers * (h * hd * (heads * 2 + kv * 2) + 3 * h * inter)
     embed = model_config.vocab_size * h * (1 if model_config.tie_word_embeddings else 2)
     weight_bytes = (0.56 if cfg.model.load_in_4bit else 2) * linear + 2 * embed  # NF4 + absmax
-    # Activations of one micro-batch at max_seq_len, with checkpointing: a few hidden states per layer.
-    act_bytes = cfg.train.micro_batch_size * cfg.data.max_seq_len * (h * (4 if cfg.train.grad_checkpointing else 30)
-                                                                     * layers * 2 + model_config.vocab_size * 4)
-    need = weight_bytes + act_bytes
-    if need > free:
+    if weight_bytes > free:
         raise ModelLoadError(
-            f"not enough GPU memory on {device}: the model needs about {need / 2**30:.1f} GiB "
-            f"(weights {weight_bytes / 2**30:.1f} GiB, activations {act_bytes / 2**30:.1f} GiB), "
-            f"{free / 2**30:.1f} GiB are free. Free the GPU, or lower train.micro_batch_size / data.max_seq_len, "
-            "keep train.grad_checkpointing on, or use model.load_in_4bit: true")
-    log.info("GPU memory: about %.1f GiB needed, %.1f GiB free on %s", need / 2**30, free / 2**30, device)
+            f"not enough GPU memory on {device}: the weights alone need about {weight_bytes / 2**30:.1f} GiB and "
+            f"{free / 2**30:.1f} GiB are free. Free the GPU, use model.load_in_4bit: true, or use "
+            "launch.strategy: fsdp on several GPUs")
+    log.info("GPU memory: the weights need about %.1f GiB, %.1f GiB free on %s", weight_bytes / 2**30,
+             free / 2**30, device)
