@@ -23,7 +23,12 @@ def child_env() -> dict[str, str]:
     """The environment for a process we start (the daemon, its workers, a benchmark's runs): this
     one's as it is now, with this checkout first on the path (then whatever else is there, e.g. a
     machine's extra wheels)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    if "PYTORCH_ALLOC_CONF" not in env and "PYTORCH_CUDA_ALLOC_CONF" not in env:
+        # Growing segments instead of fixed blocks: the reserved memory stays close to the allocated
+        # peak that the memory plan budgets for (sizes change with every micro-batch and plan).
+        env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+    return env
 
 
 def processes(cfg: Config) -> int:

@@ -191,7 +191,7 @@ class Supervisor:
             self.logs.append({"ts": now, **body})  # the snapshot's lines carry their time
         elif topic == "event":
             self.events.append({"ts": now, **body})
-            if body.get("kind") in ("command_applied", "oom_recovered", "batch_restored"):
+            if body.get("kind") in ("command_applied", "oom_recovered", "batch_restored", "memory_plan", "train_start"):
                 self.note_figures(body)
         elif topic == "gpu":
             self.gpu = body
@@ -338,11 +338,13 @@ class Supervisor:
         f = self.figures
         status = {"run": self.cfg.run.name, "state": self.state, "step": self.step,
                   "total_steps": f.get("total_steps"), "epoch": f.get("epoch"),
-                  "micro_batch_size": f.get("micro_batch_size", self.cfg.train.micro_batch_size),
-                  "grad_accum": f.get("grad_accum", self.cfg.train.grad_accum),
+                  "micro_batch_size": f.get("micro_batch_size"), "grad_accum": f.get("grad_accum"),
                   "processes": f.get("processes", self.processes),
                   "pid": os.getpid(), "started_at": self.started_at, "seq": self.seq}
-        status["global_batch"] = status["micro_batch_size"] * status["grad_accum"] * status["processes"]
+        if status["micro_batch_size"] is None and self.cfg.train.micro_batch_size != "auto":
+            status["micro_batch_size"], status["grad_accum"] = self.cfg.train.micro_batch_size, self.cfg.train.grad_accum
+        status["global_batch"] = (status["micro_batch_size"] * status["grad_accum"] * status["processes"]
+                                  if status["micro_batch_size"] and status["grad_accum"] else None)
         if cmd == "status":
             return status
         return {"seq": self.seq, "state": self.state, "run": self.cfg.run.name, "status": status,

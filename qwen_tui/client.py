@@ -215,7 +215,8 @@ class RunView:
             return  # evaluations and saves come and go every few steps; the header shows them
         self.events.append({**body, "ts": ts if ts is not None else body.get("ts")})
         self.events_total += 1
-        if body.get("kind") in ("oom_recovered", "batch_restored", "command_applied", "resumed", "train_start"):
+        if body.get("kind") in ("oom_recovered", "batch_restored", "command_applied", "resumed", "train_start",
+                                "memory_plan"):
             # The new batch size shows before the next metrics record (not the event's step: a
             # run's files are read metrics first, then events).
             self._apply_status({k: body.get(k) for k in ("micro_batch_size", "grad_accum", "total_steps")})
@@ -530,4 +531,15 @@ def describe_event(event: dict) -> str:
         return f"{kind}: {event.get('message')}"
     if kind == "straggler":
         return f"rank {event.get('rank')} is {event.get('slower_pct', '?')}% slower than the median"
+    if kind == "memory_plan":
+        layers, k = event.get("layers"), event.get("checkpointed")
+        recompute = ("every layer recomputed" if k == layers else "no layer recomputed" if k == 0
+                     else f"{k} of {layers} layers recomputed")
+        peak = (f", predicted peak {event['predicted_peak']:.1f} of {event['budget']:.1f} GiB"
+                if event.get("predicted_peak") is not None and event.get("budget") is not None else "")
+        return (f"memory plan ({event.get('reason')}): micro-batch {event.get('micro_batch_size')} x accumulation "
+                f"{event.get('grad_accum')}, {recompute}{', inputs offloaded' if event.get('offload') else ''}{peak}")
+    if kind == "memory_checked":
+        return (f"memory: peak {event.get('measured_gib')} GiB, predicted {event.get('predicted_gib')} GiB "
+                f"({event.get('error_pct', 0):+.1f}%)")
     return kind.replace("_", " ")

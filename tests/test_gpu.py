@@ -1,5 +1,6 @@
 """On an NVIDIA GPU (`pytest -m gpu`, on the GPU machine): the engine's CUDA path for real."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_demo_config_trains_on_the_gpu_with_liger_and_checkpointing(tmp_path):
                                                         "train.max_steps=6", "train.inference_check_tokens=16"])
     model = load_model(cfg, torch.device("cuda", 0))
     base = model.get_base_model()
-    assert model.training and base.is_gradient_checkpointing
+    assert model.training and model.checkpointing_plan["checkpointed"] == base.config.num_hidden_layers
     assert "liger" in base.forward.__func__.__module__  # fused linear cross-entropy: no logits
     del model, base
     run = tmp_path / "gpu"
@@ -41,6 +42,26 @@ def test_demo_config_trains_on_the_gpu_with_liger_and_checkpointing(tmp_path):
     state = train(cfg, run)
     assert state.step == 6 and (run / "final" / "adapter_model.safetensors").exists()
     assert (run / "inference.jsonl").read_text(encoding="utf-8").strip()
+
+
+def test_the_memory_probe_fits_a_plan_that_holds_on_the_gpu(tmp_path):
+    """micro-batch and checkpointing auto: the real probe on the GPU, a plan within the budget,
+    the measured peak of the first step within 15% of the prediction."""
+    from qwen_daemon.train.loop import train
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"run.runs_root={tmp_path}", "run.name=fit", "train.max_steps=3", "train.inference_check_tokens=0",
+        "train.micro_batch_size=auto", "train.global_batch_size=8", "train.grad_checkpointing=auto",
+        "data.max_seq_len=512"])
+    (tmp_path / "fit").mkdir()
+    state = train(cfg, tmp_path / "fit")
+    events = [json.loads(line) for line in (tmp_path / "fit" / "events.jsonl").read_text().splitlines()]
+    plan = next(e for e in events if e["kind"] == "memory_plan")
+    checked = next(e for e in events if e["kind"] == "memory_checked")
+    assert plan["reason"] == "start" and plan["probe"]["tokens"] == [512, 1024] and plan["model"]["layer_kib"] > 0
+    assert plan["micro_batch_size"] * plan["grad_accum"] == 8 == state.micro_batch_size * state.grad_accum
+    assert plan["predicted_peak"] <= plan["budget"]
+    assert abs(checked["error_pct"]) < 15
 
 
 def test_injected_oom_recovers_on_the_gpu(tmp_path, monkeypatch):

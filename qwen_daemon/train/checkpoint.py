@@ -78,6 +78,9 @@ class TrainState:
     micro_batch_size: int = 1  # per process
     grad_accum: int = 1
     processes: int = 1  # ranks that trained; a resume with another number keeps the global batch
+    checkpointed_layers: int | None = None  # decoder layers recomputed (None: as train.grad_checkpointing says)
+    offload: bool = False  # their inputs kept in host memory
+    fitted_on: str | None = None  # GPU and processes the memory plan was fitted for (fitting.fingerprint)
     eval_loss: float | None = None  # latest validation loss
     best_eval_loss: float | None = None
     best_step: int | None = None

@@ -33,12 +33,13 @@ import torch
 from torch.distributed.tensor.experimental import implicit_replication
 
 from qwen_daemon.launch import BACKEND_ENV, RESTARTS_ENV
+from qwen_daemon.train import fitting, fused
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
 from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, latest_valid_checkpoint, load_checkpoint,
                                           save_checkpoint)
 from qwen_daemon.train.controls import Command, Controls
 from qwen_daemon.train.data import prepare_data
-from qwen_daemon.train.model import bnb_config, compute_dtype, load_model, load_tokenizer
+from qwen_daemon.train.model import bnb_config, compute_dtype, flattened, load_model, load_tokenizer
 from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
 from shared import runs
 from shared.config import Config
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 STRAGGLER_RATIO, STRAGGLER_STEPS = 1.2, 5
 INJECT_HANG_ENV = "QWEN_DAEMON_INJECT_HANG"  # "3@1": rank 1 stops answering at step 3 (tests)
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
-MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask",
+                "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # (the last four: flattened)
 
 
 class TrainingError(RuntimeError):
@@ -84,6 +86,14 @@ class Run:
     saved_step: int | None = None
     ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
     sharded: bool = False  # the model is sharded with FSDP2 (launch.strategy fsdp under torchrun)
+    flat: bool = False  # a micro-batch is one row with its samples' boundaries (varlen attention)
+    # Autocast only where something computes in float32 that should not: peft's own LoRA layers.
+    # The fused ones cast what they use, the weights are loaded in the compute dtype, and
+    # autocast costs a dispatch in every op.
+    autocast: bool = True
+    plan: Any = None  # the memory plan in effect (memory.Plan), when one was fitted
+    memory_model: Any = None  # what the probe measured (memory.MemoryModel), on a GPU
+    memory_budget: float | None = None  # bytes the plan may use at its peak
     busy: float = 0.0  # this rank's compute seconds in the last step
     slow_steps: dict[int, int] = field(default_factory=dict)  # rank -> steps in a row it was slow
     # Loss scaling, active only for float16 compute (GPUs without bf16); a no-op otherwise.
@@ -117,6 +127,7 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
 def _train(r: Run, resume: bool) -> TrainState:
     t = r.cfg.train
     units = r.units(r.state.epoch)
+    first_step = r.state.step
     r.sinks.event("train_start", step=r.state.step, total_steps=r.total_steps, resumed=resume,
                   micro_batch_size=r.state.micro_batch_size, grad_accum=r.state.grad_accum,
                   processes=r.world_size, strategy=r.cfg.launch.strategy)
@@ -138,6 +149,8 @@ def _train(r: Run, resume: bool) -> TrainState:
         r.optimizer.zero_grad(set_to_none=True)
         r.state.step += 1
         elapsed = time.perf_counter() - started
+        if r.state.step == first_step + 1:
+            fitting.check(r)
         busy = rank_figures(r, r.busy)
         watch_stragglers(r, busy)
         r.sinks.metrics({
@@ -193,10 +206,11 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
         shard_fsdp(model)
     ddp = wrap_ddp(model, device) if world_size > 1 and not sharded else None
     optimizer = make_optimizer(model, cfg)
-    state = TrainState(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum)
+    state = initial_batch(cfg, world_size)
     sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
     r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
-            world_size, rank, ddp=ddp, sharded=sharded)
+            world_size, rank, ddp=ddp, sharded=sharded, flat=flattened(cfg, device),
+            autocast=not cfg.model.fused_lora)
     if os.environ.get(RESTARTS_ENV, "0") == "0":  # faults are injected into the first worker group only
         r.injected_oom = parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank)
         r.injected_hang = parse_injected_oom(os.environ.get(INJECT_HANG_ENV, ""), rank)
@@ -217,7 +231,22 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
             keep_global_batch(r)
     r.state.processes = world_size
     apply_restart_batch(r)
+    fitting.at_setup(r, resume)
     return r
+
+
+def initial_batch(cfg: Config, world_size: int) -> TrainState:
+    """Micro-batch and accumulation at the start: as configured, or from train.global_batch_size
+    (the micro-batch 1 until the memory plan chooses it, when it is auto)."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return TrainState(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum)
+    per_rank, rest = divmod(t.global_batch_size, world_size)
+    mbs = 1 if t.micro_batch_size == "auto" else t.micro_batch_size
+    if rest or per_rank % mbs:
+        raise TrainingError(f"train.global_batch_size {t.global_batch_size} is not a multiple of {world_size} "
+                            f"process(es) x micro-batch {mbs}; change one of them")
+    return TrainState(micro_batch_size=mbs, grad_accum=per_rank // mbs)
 
 
 def backend(cfg: Config, device: torch.device) -> str:
@@ -256,6 +285,8 @@ def shard_fsdp(model) -> None:
     for layer in layers:
         fully_shard(layer)
     fully_shard(model)
+    # FSDP swaps the parameters' storage around each forward: no cached casts of LoRA weights.
+    fused.CACHE_CASTS = False
     log.info("FSDP: %d %s units and the root sharded over %d processes", len(layers), type(layers[0]).__name__,
              torch.distributed.get_world_size())
 
@@ -322,16 +353,17 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 
 def make_optimizer(model, cfg: Config):
-    """bitsandbytes paged 8-bit AdamW (paging needs CUDA: plain 8-bit AdamW on CPU); under
-    launch.strategy fsdp torch's AdamW, as bitsandbytes' optimizers cannot update sharded
-    parameters (its state is sharded instead: each rank holds 1/N of it)."""
+    """train.optimizer: torch's AdamW (fused on CUDA, one multi-tensor kernel per step), or
+    bitsandbytes' paged 8-bit AdamW (paging needs CUDA: plain 8-bit AdamW on CPU). Under
+    launch.strategy fsdp always torch's AdamW, which updates the sharded parameters (each rank
+    holds 1/N of its state)."""
+    params = trainable(model)
+    if cfg.train.optimizer == "adamw" or cfg.launch.strategy == "fsdp":
+        fused = params[0].device.type == "cuda" and cfg.launch.strategy != "fsdp"
+        return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0, fused=fused or None)
     import bitsandbytes as bnb
 
-    params = trainable(model)
-    if cfg.launch.strategy == "fsdp":
-        return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
-    paged = params[0].device.type == "cuda"
-    adamw = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    adamw = bnb.optim.PagedAdamW8bit if params[0].device.type == "cuda" else bnb.optim.AdamW8bit
     return adamw(params, lr=cfg.train.learning_rate, weight_decay=0.0)
 
 
@@ -345,7 +377,7 @@ def total_steps(r: Run) -> int:
     """max_steps, or as many steps as `epochs` take at the configured global batch."""
     if r.cfg.train.max_steps:
         return r.cfg.train.max_steps
-    per_step = r.cfg.train.micro_batch_size * r.cfg.train.grad_accum * r.world_size
+    per_step = r.state.micro_batch_size * r.state.grad_accum * r.world_size  # (the global batch)
     return math.ceil(r.cfg.train.epochs * math.ceil(len(r.units(0)) / per_step))
 
 
@@ -382,14 +414,13 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     weights = [1.0 if micro_batch else 0.0 for micro_batch in batches]
     collated = [collate([[ds[i] for i in unit] for unit in micro_batch or [[0]]], packing=r.cfg.data.packing,
                         pad_token_id=r.tokenizer.pad_token_id,
-                        flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
+                        flash_attention=r.flat)
                 for micro_batch in batches]
     label_tokens = sum(c["num_label_tokens"] for c, w in zip(collated, weights) if w)
     if r.world_size > 1:  # normalise by the whole step's label tokens on all ranks
         n = torch.tensor(label_tokens, device=r.device)
         torch.distributed.all_reduce(n)
         label_tokens = int(n.item())
-    dtype = compute_dtype(r.cfg, r.device)
     total = torch.zeros((), device=r.device)
     failed: torch.OutOfMemoryError | None = None
     busy = 0.0  # this rank's own compute time, for the straggler watch
@@ -408,7 +439,7 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             maybe_inject_oom(r, i)
             if failed is not None:
                 continue  # on to the agreement without computing, so that no rank waits for us
-            inputs = {k: batch[k].to(r.device) for k in MODEL_INPUTS if k in batch}
+            inputs = model_inputs(batch, r.device)
             # Only the last micro-batch goes through DDP, whose backward reduces the gradients the
             # step accumulated. The others call the model itself: like DDP's no_sync(), but with no
             # collective at all (DDP's forward may rebuild its buckets, a broadcast), so that a rank
@@ -417,7 +448,7 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             if r.sharded:  # FSDP reduce-scatters the accumulated gradients after the last one
                 r.model.set_requires_gradient_sync(last)
             began = time.perf_counter()
-            with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with autocast(r):
                 loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
             # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
             # gradients over ranks, so scale by world_size to get their sum.
@@ -441,6 +472,38 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
         torch.distributed.all_reduce(counted)
         tokens = int(counted.item())
     return total.item(), tokens
+
+
+def probe_step(r: Run, tokens: int, seed: int = 0) -> None:
+    """Forward and backward of a synthetic micro-batch of `tokens` random tokens laid out as
+    training lays out data (rows of data.max_seq_len, two samples in each packed row), then
+    the gradients dropped: what the memory probe measures. Runs the model itself, never the DDP
+    wrapper (no collective)."""
+    seq = r.cfg.data.max_seq_len
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(r.model.config.vocab_size, len(r.tokenizer))
+
+    def sample(n: int) -> dict:
+        return {"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist(), "prompt_len": 0}
+
+    lengths = [min(seq, tokens - start) for start in range(0, tokens, seq)]
+    units = [[sample(n - n // 2), sample(n // 2)] if r.cfg.data.packing and n > 1 else [sample(n)] for n in lengths]
+    batch = collate(units, packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id, flash_attention=r.flat)
+    with autocast(r):
+        loss = r.model(**model_inputs(batch, r.device), use_cache=False,
+                       num_items_in_batch=max(1, batch["num_label_tokens"])).loss
+    loss.backward()
+    r.model.zero_grad(set_to_none=True)
+
+
+def autocast(r: Run):
+    dtype = compute_dtype(r.cfg, r.device)
+    return torch.autocast(r.device.type, dtype=dtype, enabled=r.autocast and dtype != torch.float32)
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def rank_figures(r: Run, value: float) -> list[float]:
@@ -550,7 +613,6 @@ def evaluate(r: Run) -> float | None:
     units = epoch_units(r.splits["validation"]["num_tokens"], epoch=0, seed=r.cfg.data.seed, max_seq_len=r.cfg.data.max_seq_len,
                         packing=r.cfg.data.packing)
     r.model.eval()
-    dtype = compute_dtype(r.cfg, r.device)
     loss_sum, label_tokens = 0.0, 0
     mbs, per_round = r.state.micro_batch_size, r.state.micro_batch_size * r.world_size
     with torch.no_grad():
@@ -560,9 +622,9 @@ def evaluate(r: Run) -> float | None:
             share = units[start:start + mbs]
             batch = collate([[ds[i] for i in unit] for unit in share or units[:1]],
                             packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
-                            flash_attention=r.cfg.model.attn_implementation == "flash_attention_2")
-            inputs = {key: batch[key].to(r.device) for key in MODEL_INPUTS if key in batch}
-            with torch.autocast(r.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                            flash_attention=r.flat)
+            inputs = model_inputs(batch, r.device)
+            with autocast(r):
                 out = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, batch["num_label_tokens"]))
             if share:
                 loss_sum += out.loss.item() * batch["num_label_tokens"]
@@ -694,7 +756,7 @@ def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool 
     else:
         s.micro_batch_size = micro_batch_size
     return {"micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
-            "global_batch": s.micro_batch_size * s.grad_accum * r.world_size}
+            "global_batch": s.micro_batch_size * s.grad_accum * r.world_size, **fitting.replan(r)}
 
 
 # --- the end: final adapter and an inference check ------------------------------------------------

@@ -12,7 +12,7 @@ from qwen_tui.client import RunView, describe_event
 EVENT_STYLES = {"checkpoint": "green", "final_saved": "bold green", "oom_recovered": "bold yellow",
                 "oom_fatal": "bold red", "error": "bold red", "command_failed": "red", "worker_restarted": "bold magenta",
                 "command_applied": "cyan", "stopped": "yellow", "evaluating": "dim", "saving": "dim",
-                "straggler": "yellow"}
+                "straggler": "yellow", "memory_plan": "cyan"}
 
 
 def format_event(event: dict) -> Text:
