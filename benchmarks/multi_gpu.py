@@ -50,6 +50,7 @@ def measure(root: Path, data: Path, processes: int, strategy: str, args) -> dict
         f"model.name_or_path={args.model}", "model.tokenizer=builtin:qwen3-tokenizer", f"data.paths=[{data}]",
         f"data.terms={REPO / 'data' / 'crypto_terms.tsv'}", f"train.max_steps={args.steps}",
         f"train.micro_batch_size={args.micro_batch}", f"train.grad_accum={args.grad_accum}",
+        "train.global_batch_size=null", "train.grad_checkpointing=true", "train.offload_activations=false",
         "train.eval_every_steps=100000", "checkpoint.every_steps=100000", "train.inference_check_tokens=0",
         f"launch.strategy={strategy}", f"launch.num_processes={processes}", f"run.runs_root={root}"])
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")

@@ -1,17 +1,24 @@
-"""Benchmark on one GPU: our engine against the seeds' recipe (HF Trainer + peft + bitsandbytes).
+"""Training speed on one GPU: our engine, the seeds' recipe (HF Trainer) and Unsloth, side by side.
 
-    python benchmarks/train_speed.py                 # all four runs, each in its own process
-    python benchmarks/train_speed.py --engine ours --workload random --batch 96   # one run
+    python3 benchmarks/train_speed.py --rounds 3 --out DIR     # every engine, interleaved rounds
+    python3 benchmarks/train_speed.py --engine ours --batches 4,16   # one engine in this process
 
-Both train LoRA r=16 (all attention and MLP projections) on a 4-bit NF4 (double-quantised)
-model with bf16 compute, gradient checkpointing and paged 8-bit AdamW, on the same tokens:
-- `random`: fixed-length sequences of random token ids (seq 2048), every token trained;
-- `bundled`: the bundled data set through the real pipeline (max_seq_len 2048). The recipe pads
-  each batch to its longest sample (dynamic padding, better than the seeds' fixed 512); our
-  engine packs samples into 2048-token rows.
-Only real (non-padding) tokens count. The model is `builtin:random-qwen3-4b` (Qwen3-4B's exact
-architecture, random weights: speed and memory do not depend on the values). Each run prints one
-JSON line; the driver prints them all plus the ratios.
+All train LoRA r=16 on the 7 projections of a 4-bit NF4 (double-quantised) model with bf16 compute
+and every decoder layer recomputed (gradient checkpointing), on the same random tokens (seq 2048,
+every token trained), clip 1.0, on `builtin:random-qwen3-4b` (Qwen3-4B's exact architecture,
+random weights: speed and memory do not depend on the values):
+- ours: the engine's own step (loop.optimizer_step: fused LoRA, liger kernels) with its default
+  optimizer (torch AdamW) and LoRA dropout 0; `ours-auto` is the same micro-batch with the memory
+  plan's choice of recomputed layers and offload (what train.grad_checkpointing: auto does);
+- hf: the seeds' recipe: HF Trainer, peft's prepare_model_for_kbit_training, paged 8-bit AdamW,
+  LoRA dropout 0.05 (micro-batch 4 only, as its memory allows little more);
+- unsloth: FastLanguageModel (its fused LoRA kernels, use_gradient_checkpointing="unsloth", which
+  offloads the checkpointed inputs), LoRA dropout 0, paged 8-bit AdamW, in a plain loop
+  (../shared/tools/unsloth-bench's harness, with several micro-batches per process).
+Each engine runs in its own process per round, the rounds interleave the engines, and the report
+is the median over rounds. Tokens/s counts real tokens only; memory is torch's peak allocated over
+the timed steps. MFU counts 6 x parameters + causal attention FLOPs per token against the GPU's
+dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
 """
 
 from __future__ import annotations
@@ -42,55 +49,147 @@ def samples_for(workload: str, cfg, tokenizer, n_random: int, seq: int) -> list[
     return [{"input_ids": r["input_ids"], "prompt_len": r["prompt_len"]} for r in ds]
 
 
-def run_ours(cfg, tokenizer, samples, batch: int, steps: int, warmup: int) -> dict:
+def ours(args) -> None:
+    """Our engine: one model, each micro-batch with every layer recomputed, then with the plan."""
     import datasets
     import torch
 
-    from qwen_daemon.train import loop
+    from qwen_daemon.train import loop, memory
     from qwen_daemon.train.checkpoint import TrainState
+    from qwen_daemon.train.checkpointing import set_checkpointing
     from qwen_daemon.train.controls import Controls
-    from qwen_daemon.train.model import load_model
+    from qwen_daemon.train.model import flattened, load_model, load_tokenizer
     from qwen_daemon.train.sinks import Sinks
+    from shared.config import load_config
 
-    class Events:
-        def __init__(self):
-            self.events = []
-
-        def metrics(self, record):
-            pass
-
-        def event(self, kind, **data):
-            self.events.append({"kind": kind, **data})
-
-        def close(self):
-            pass
-
+    cfg = load_config(REPO / "configs" / "qwen3-4b-thinking.yaml",
+                      [f"model.name_or_path={args.model}", f"data.max_seq_len={args.seq}", "lora.dropout=0.0"])
     device = torch.device("cuda", 0)
+    tokenizer = load_tokenizer(args.model)
     model = load_model(cfg, device)
     optimizer = loop.make_optimizer(model, cfg)
-    ds = datasets.Dataset.from_list([{**s, "num_tokens": len(s["input_ids"])} for s in samples])
-    events = Events()
+    rows = (args.steps + args.warmup) * max(args.batches) + 1
+    ds = datasets.Dataset.from_list([{**s, "num_tokens": len(s["input_ids"])}
+                                     for s in samples_for("random", cfg, tokenizer, rows, args.seq)])
     r = loop.Run(cfg, Path(tempfile.mkdtemp()), device, model, optimizer, None, tokenizer, {"train": ds},
-                 TrainState(micro_batch_size=batch, grad_accum=1), steps + warmup, Sinks(events), Controls())
+                 TrainState(), 10**6, Sinks(), Controls(), flat=flattened(cfg, device), autocast=False)
+    layers = model.config.num_hidden_layers
+    fitted = None
+    for variant in ("ours", "ours-auto"):
+        for batch in args.batches:
+            plan = None
+            if variant == "ours":
+                set_checkpointing(model, layers, False)
+            else:
+                if fitted is None:
+                    fitted, _ = memory.probe(lambda n: loop.probe_step(r, n), lambda k: set_checkpointing(model, k),
+                                             layers, model.config.hidden_size * 2, args.seq, device)
+                plan = memory.choose(fitted, memory.budget(device, cfg.train.memory_headroom), args.seq, batch,
+                                     micro_batch_size=batch)
+                set_checkpointing(model, plan.checkpointed, plan.offload)
+            r.state = TrainState(micro_batch_size=batch, grad_accum=1)
+            step_s, tokens = timed_steps(r, batch, args)
+            emit(args, variant, batch, step_s, tokens, plan=plan.to_dict() if plan else None)
+
+
+def timed_steps(r, batch: int, args) -> tuple[list[float], list[int]]:
+    import torch
+
+    from qwen_daemon.train import loop
+
     units = r.units(0)
     times, tokens = [], []
-    for step in range(warmup + steps):
-        if r.state.samples_in_epoch >= len(ds):
-            r.state.epoch, r.state.samples_in_epoch, units = r.state.epoch + 1, 0, r.units(r.state.epoch + 1)
-        if step == warmup:
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         _, n = loop.optimizer_step(r, units)
-        torch.nn.utils.clip_grad_norm_(loop.trainable(model), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(loop.trainable(r.model), 1.0)
+        r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if step >= warmup:
+        if step >= args.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(n)
-    return {"tokens_per_s": sum(tokens) / sum(times), "real_tokens": sum(tokens), "seconds": sum(times),
-            "micro_batch_size": r.state.micro_batch_size, "events": events.events}
+    return times, tokens
+
+
+def emit(args, engine: str, batch: int, step_s: list[float], tokens: list[int], **extra) -> None:
+    import torch
+
+    print(json.dumps({"engine": engine, "batch": batch, "seq": args.seq, "tokens_per_s": sum(tokens) / sum(step_s),
+                      "step_s": [round(t, 3) for t in step_s], "mfu": mfu(sum(tokens) / sum(step_s), args.seq),
+                      "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+                      "gpu": torch.cuda.get_device_name(0), **extra}), flush=True)
+
+
+def mfu(tokens_per_s: float, seq: int, peak_flops: float = 989e12) -> float:
+    """Model FLOPs utilisation of Qwen3-4B: 6 x (linear + head parameters) per token plus causal
+    attention (6 x layers x seq x query width), no recompute counted."""
+    hidden, layers, heads, head_dim, kv, inter, vocab = 2560, 36, 32, 128, 8, 9728, 151936
+    linear = layers * (2 * hidden * heads * head_dim + 2 * hidden * kv * head_dim + 3 * hidden * inter)
+    per_token = 6 * (linear + hidden * vocab) + 6 * layers * seq * heads * head_dim
+    return round(tokens_per_s * per_token / peak_flops, 3)
+
+
+def unsloth(args) -> None:
+    """Unsloth (imported first, so that its patches apply) on our random model's weights."""
+    import unsloth as _unsloth  # noqa: F401
+    from unsloth import FastLanguageModel
+
+    import bitsandbytes as bnb
+    import torch
+
+    model_dir = unsloth_model_dir(args.model)
+    model, _ = FastLanguageModel.from_pretrained(model_name=model_dir, max_seq_length=args.seq, load_in_4bit=True,
+                                                 dtype=torch.bfloat16, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0, random_state=0, use_gradient_checkpointing="unsloth",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    FastLanguageModel.for_training(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 151643, ((args.steps + args.warmup) * max(args.batches) + 1, args.seq), generator=g)
+    for batch in args.batches:
+        times, tokens = [], []
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ids = data[step * batch:(step + 1) * batch].cuda()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
+                tokens.append(ids.numel())
+        emit(args, "unsloth", batch, times, tokens, version=getattr(_unsloth, "__version__", None))
+
+
+def unsloth_model_dir(model: str) -> str:
+    """Our builtin model's weights (linked) with the unsloth harness's word-level tokenizer, which
+    Unsloth's tokenizer checks accept."""
+    from qwen_daemon.train.builtin import resolve_model_path
+
+    source, target = Path(resolve_model_path(model)), Path(tempfile.gettempdir()) / "unsloth-random-qwen3-4b"
+    target.mkdir(exist_ok=True)
+    for f in source.iterdir():
+        if f.suffix in (".safetensors", ".json") and not f.name.startswith(("tokenizer", "special_tokens")) \
+                and not (target / f.name).exists():
+            (target / f.name).symlink_to(f)
+    if not (target / "tokenizer.json").exists():
+        sys.path.insert(0, str(REPO / ".unsloth-bench"))
+        from bench_unsloth import build_tokenizer
+
+        build_tokenizer(str(target))
+    return str(target)
 
 
 def run_hf(cfg, tokenizer, samples, batch: int, steps: int, warmup: int) -> dict:
@@ -141,51 +240,102 @@ def run_hf(cfg, tokenizer, samples, batch: int, steps: int, warmup: int) -> dict
             "seconds": sum(times[warmup:]), "micro_batch_size": batch}
 
 
-def one(args) -> dict:
+def hf(args) -> None:
     import torch
 
-    from shared.config import load_config
     from qwen_daemon.train.model import load_tokenizer
+    from shared.config import load_config
 
     cfg = load_config(REPO / "configs" / "qwen3-4b-thinking.yaml",
                       [f"model.name_or_path={args.model}", f"data.max_seq_len={args.seq}"])
     tokenizer = load_tokenizer(args.model)
-    samples = samples_for(args.workload, cfg, tokenizer, (args.steps + args.warmup) * args.batch, args.seq)
-    runner = run_ours if args.engine == "ours" else run_hf
-    result = runner(cfg, tokenizer, samples, args.batch, args.steps, args.warmup)
-    return {"engine": args.engine, "workload": args.workload, "batch": args.batch, "seq": args.seq,
-            "gpu": torch.cuda.get_device_name(0), "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, **result}
+    for batch in args.batches:
+        samples = samples_for("random", cfg, tokenizer, (args.steps + args.warmup) * batch, args.seq)
+        result = run_hf(cfg, tokenizer, samples, batch, args.steps, args.warmup)
+        per_step = result["real_tokens"] / args.steps
+        emit(args, "hf", batch, [result["seconds"] / args.steps] * args.steps, [int(per_step)] * args.steps)
+        del result
+        torch.cuda.empty_cache()
+
+
+def drive(args) -> None:
+    """Every engine in its own process, round after round; then medians and ratios."""
+    import statistics
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for round_no in range(args.rounds):
+        for engine in args.engines:
+            batches = [b for b in args.batches if engine != "hf" or b <= 4]
+            cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model, "--seq", str(args.seq),
+                   "--batches", ",".join(map(str, batches)), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            env = dict(os.environ)
+            if engine == "unsloth" and args.unsloth_site:
+                env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(REPO)])
+            started = time.time()
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                lines = records(done.stdout)
+                error = None if done.returncode == 0 else done.stderr[-2000:]
+            except subprocess.TimeoutExpired as e:
+                lines, error = records((e.stdout or b"").decode()), f"timeout after {args.timeout} s"
+            for line in lines:
+                results.append({**line, "round": round_no})
+            record = {"round": round_no, "engine": engine, "seconds": round(time.time() - started), "results": lines,
+                      **({"error": error} if error else {})}
+            print(json.dumps(record), flush=True)
+            with open(out / "speed.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+    table = {}
+    for r in results:
+        table.setdefault((r["engine"], r["batch"]), []).append(r)
+    summary = {}
+    for (engine, batch), rs in sorted(table.items()):
+        tps = [r["tokens_per_s"] for r in rs]
+        summary[f"{engine}@{batch}"] = {"runs": len(rs), "tokens_per_s": [round(t) for t in tps],
+                                        "median": round(statistics.median(tps)),
+                                        "mfu": mfu(statistics.median(tps), args.seq),
+                                        "peak_allocated_gib": statistics.median(r["peak_allocated_gib"] for r in rs),
+                                        **({"plan": rs[-1]["plan"]} if rs[-1].get("plan") else {})}
+    hf4 = summary.get("hf@4", {}).get("median")
+    for key, row in summary.items():
+        batch = key.split("@")[1]
+        uns = summary.get(f"unsloth@{batch}", {}).get("median")
+        if hf4:
+            row["vs_hf_mb4"] = round(row["median"] / hf4, 2)
+        if uns:
+            row["vs_unsloth"] = round(row["median"] / uns, 2)
+    print(json.dumps({"summary": summary}, indent=1), flush=True)
+    (out / "speed-summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def records(stdout: str) -> list[dict]:
+    """The result lines of an engine's output (libraries print other lines, some of them dicts)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"engine"')]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--engine", choices=["ours", "hf"])
-    p.add_argument("--workload", choices=["random", "bundled"])
+    p.add_argument("--engine", choices=["ours", "hf", "unsloth"])
+    p.add_argument("--engines", default="ours,hf,unsloth")
     p.add_argument("--model", default="builtin:random-qwen3-4b")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batches", default="4,16")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=240, help="seconds per engine process")
+    p.add_argument("--unsloth-site", default=os.environ.get("UNSLOTH_SITE"),
+                   help="where Unsloth's wheels are installed (.unsloth-bench/run.sh's /tmp/usite)")
+    p.add_argument("--out", default=".")
     args = p.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.engines = args.engines.split(",")
     if args.engine:
-        print(json.dumps(one(args)), flush=True)
-        return
-    results = {}
-    for workload in ("random", "bundled"):
-        for engine in ("hf", "ours"):
-            cmd = [sys.executable, __file__, "--engine", engine, "--workload", workload, "--model", args.model,
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
-            results[(engine, workload)] = json.loads(line) if line else {"error": out.stderr[-3000:]}
-            print(json.dumps(results[(engine, workload)]), flush=True)
-    for workload in ("random", "bundled"):
-        hf, ours = results[("hf", workload)], results[("ours", workload)]
-        if "error" not in hf and "error" not in ours:
-            print(json.dumps({"workload": workload, "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
-                              "memory_ratio": ours["peak_allocated_gib"] / hf["peak_allocated_gib"]}))
+        {"ours": ours, "hf": hf, "unsloth": unsloth}[args.engine](args)
+    else:
+        drive(args)
 
 
 if __name__ == "__main__":
