@@ -399,6 +399,21 @@ class TermDictionary:
             counts[by_key.get(key) or by_key[key[:-1]]] += n  # key[:-1]: a plural "s"
         return counts
 
+    def find_terms(self, text: str) -> list[tuple[str, int, int]]:
+        """The occurrences ``count_terms`` counts, as (canonical name, start, end), in text order.
+
+        The spans index ``normalize_text(text)``, not ``text``: that is the text the matching sees
+        (lower-cased, as in count_terms; a character whose lower-case form is longer, which only
+        U+0130 "İ" has, stays as it is so that the spans remain valid).
+        """
+        normalized = normalize_text(text)
+        lowered = normalized.lower()
+        if len(lowered) != len(normalized):
+            lowered = "".join(c.lower() if len(c.lower()) == 1 else c for c in normalized)
+        by_key = self._by_key
+        return [(by_key.get(m.group()) or by_key[m.group()[:-1]], m.start(), m.end())
+                for m in self._pattern.finditer(lowered)]
+
     def category_counts(self, text: str) -> Counter[str]:
         """Category slug -> occurrences of its terms in the text."""
         return self.categories_of(self.count_terms(text))
