@@ -5,6 +5,8 @@
     qwen-daemon ctl status|pause|resume|checkpoint|set-batch-size N|stop [--run RUN] [--json]
     qwen-daemon list | stop [RUN] | logs [RUN] [-f]
     qwen-daemon data check PATH... [--config FILE] [--set ...] [--json] [--strict]
+    qwen-daemon eval RUN [--checkpoint N|final] [--split test] [--limit K] [--json]
+    qwen-daemon report RUN [--json]
 
 Also runs as `python -m qwen_daemon ...` (the GPU machine has no uv).
 """
@@ -97,7 +99,47 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--strict", action="store_true", help="exit 1 if there is any problem")
     check.set_defaults(func=cmd_data_check)
+
+    ev = sub.add_parser("eval", help="answer the run's held-out split with the base model and with the adapter, "
+                                     "and score both")
+    ev.add_argument("run", help="runs/<name> or its path")
+    ev.add_argument("--checkpoint", default="final", help="final (default) or a checkpoint's step")
+    ev.add_argument("--split", choices=["test", "validation"], help="default: eval.split of the run's config")
+    ev.add_argument("--limit", type=int, help="answer at most this many questions")
+    ev.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    rep = sub.add_parser("report", help="write the run's report.html (charts, summary, advice) from its files")
+    rep.add_argument("run", nargs="?", help="runs/<name> or its path; default: the newest live run")
+    rep.add_argument("--json", action="store_true", help="print the summary as JSON")
+    rep.set_defaults(func=cmd_report)
     return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qwen_daemon.report import summarise_run, write_report
+
+    run = _find_run(args.run, live=False) if args.run else _find_run(None, live=True)
+    path = write_report(run)
+    if args.json:
+        print(json.dumps({"report": str(path), **summarise_run(run)}, ensure_ascii=False, indent=1, default=str))
+    else:
+        print(path)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qwen_daemon.train.evaluate import EvaluationError, evaluate_run, format_table
+    from qwen_daemon.train.model import ModelLoadError
+
+    _setup_logging(quiet=True)
+    run = _find_run(args.run, live=False)
+    try:
+        summary = evaluate_run(run, args.checkpoint, args.split, args.limit)
+    except (EvaluationError, ModelLoadError) as e:
+        raise DataError(str(e)) from None
+    print(json.dumps(summary, ensure_ascii=False, indent=1) if args.json else format_table(summary))
+    return 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

@@ -175,6 +175,29 @@ class TrainConfig(_Section):
         return self
 
 
+class EvalConfig(_Section):
+    at_end: bool = False
+    """After training, answer the held-out split with the base model and with base + adapter and
+    score both (`qwen-daemon eval`); the daemon's state says evaluating meanwhile."""
+    split: Literal["test", "validation"] = "test"
+    limit: int | None = Field(None, gt=0)
+    """Records of the split to answer at most; null = all."""
+    max_new_tokens: int = Field(1024, gt=0)
+    """Tokens generated per answer, thinking included."""
+    do_sample: bool = True
+    """Sample as Qwen3-Thinking recommends (greedy decoding makes it repeat itself), seeded; false = greedy."""
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    seed: int = 42
+    batch_size: int = Field(8, gt=0)
+    """Questions generated together (left-padded)."""
+    generate_every_steps: int | None = Field(None, gt=0)
+    """During training, score `sample_size` fixed validation records every N steps with the model
+    being trained (published as `eval` metrics next to the loss); null = never."""
+    sample_size: int = Field(8, gt=0)
+
+
 class CheckpointConfig(_Section):
     every_steps: int = Field(200, gt=0)
     keep_last: int = Field(3, gt=0)
@@ -229,6 +252,7 @@ class Config(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)

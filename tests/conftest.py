@@ -28,9 +28,9 @@ def builtin_cache_dir():
         os.environ.pop(CACHE_ENV, None)
 
 
-@pytest.fixture
-def run_dir(tmp_path):
-    """A run directory for the tiny model on 40 Chinese records: 40 steps, eval and checkpoints every 5."""
+def make_run_dir(tmp_path: Path, *settings: str) -> Path:
+    """A run directory for the tiny model on 40 Chinese records: 40 steps, eval and checkpoints
+    every 5, with `settings` on top."""
     data = tmp_path / "qa.jsonl"
     with data.open("w", encoding="utf-8") as f:
         for i in range(40):
@@ -41,8 +41,13 @@ def run_dir(tmp_path):
         f"run.runs_root={tmp_path}", "run.name=d", f"data.paths=[{data}]", "data.max_seq_len=128",
         f"data.terms={REPO_ROOT / 'data' / 'crypto_terms.tsv'}",
         "train.max_steps=40", "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every_steps=5",
-        "checkpoint.every_steps=5", "train.inference_check_tokens=8"])
+        "checkpoint.every_steps=5", "train.inference_check_tokens=8", "eval.at_end=false", *settings])
     run = tmp_path / "d"
     run.mkdir()
     (run / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     return run
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_run_dir(tmp_path)

@@ -142,7 +142,8 @@ def fit_cfg(tmp_path, data_dir, *overrides):  # noqa: F811 - the fixture
         f"run.runs_root={tmp_path}", "run.name=r", f"data.paths=[{data_dir}]", "data.max_seq_len=128",
         "data.split.train=0.8", "data.split.validation=0.2", "data.split.test=0.0", "train.epochs=1",
         "train.micro_batch_size=auto", "train.global_batch_size=8", "train.grad_checkpointing=auto",
-        "train.eval_every_steps=100", "checkpoint.every_steps=2", "train.inference_check_tokens=0", *overrides])
+        "train.eval_every_steps=100", "checkpoint.every_steps=2", "train.inference_check_tokens=0", "eval.at_end=false",
+        *overrides])
 
 
 def plan_events(run):

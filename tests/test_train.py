@@ -38,7 +38,7 @@ def make_cfg(tmp_path, data_dir, *overrides):
         "data.split.train=0.8", "data.split.validation=0.2", "data.split.test=0.0",
         "train.max_steps=null", "train.epochs=1", "train.micro_batch_size=2", "train.grad_accum=2",
         "train.eval_every_steps=2", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-        "train.inference_check_tokens=8", "lora.dropout=0.1", *overrides])
+        "train.inference_check_tokens=8", "lora.dropout=0.1", "eval.at_end=false", *overrides])
 
 
 def run_dir(cfg):

@@ -39,7 +39,7 @@ from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, latest_
                                           save_checkpoint)
 from qwen_daemon.train.controls import Command, Controls
 from qwen_daemon.train.data import prepare_data
-from qwen_daemon.train.model import bnb_config, compute_dtype, flattened, load_model, load_tokenizer
+from qwen_daemon.train.model import compute_dtype, flattened, load_model, load_tokenizer
 from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
 from shared import runs
 from shared.config import Config
@@ -164,6 +164,9 @@ def _train(r: Run, resume: bool) -> TrainState:
         })
         if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
             evaluate(r)
+        every = r.cfg.eval.generate_every_steps
+        if every and r.state.step % every == 0:
+            score_sample(r)
         # Also on a new best validation loss, so that the best checkpoint exists to be kept.
         if r.state.step % r.cfg.checkpoint.every_steps == 0 or r.state.best_step == r.state.step:
             save(r)
@@ -642,6 +645,17 @@ def evaluate(r: Run) -> float | None:
     return eval_loss
 
 
+def score_sample(r: Run) -> None:
+    """`eval.generate_every_steps`: the model being trained answers a fixed validation sample;
+    its mean scores go out as an `eval` metrics record (term recall, ROUGE-L ... next to the loss)."""
+    from qwen_daemon.train.evaluate import sample_scores
+
+    r.sinks.event("evaluating", step=r.state.step, what="sample")
+    scores = sample_scores(r)
+    if scores is not None:
+        r.sinks.metrics({"kind": "eval", "ts": time.time(), "step": r.state.step, **scores})
+
+
 def save(r: Run) -> Path | None:
     """A checkpoint of this step, written by rank 0 with every rank's RNG state (every rank calls
     this at the same boundaries)."""
@@ -776,42 +790,33 @@ def finish(r: Run) -> None:
     gc.collect()
     if r.device.type == "cuda":
         torch.cuda.empty_cache()
-    if r.cfg.train.inference_check_tokens == 0:
-        return
-    answers = inference_check(r.cfg, final, questions, r.device, r.cfg.train.inference_check_tokens)
-    with open(r.run_dir / "inference.jsonl", "w", encoding="utf-8") as f:
-        for a in answers:
-            f.write(json.dumps(a, ensure_ascii=False) + "\n")
-    r.sinks.event("inference_check", step=r.state.step, answers=answers)
+    if r.cfg.train.inference_check_tokens:
+        answers = inference_check(r.cfg, final, questions, r.device, r.cfg.train.inference_check_tokens)
+        with open(r.run_dir / "inference.jsonl", "w", encoding="utf-8") as f:
+            for a in answers:
+                f.write(json.dumps(a, ensure_ascii=False) + "\n")
+        r.sinks.event("inference_check", step=r.state.step, answers=answers)
+    if r.cfg.eval.at_end:
+        from qwen_daemon.train.evaluate import evaluate_run
+
+        r.sinks.event("evaluating", step=r.state.step, what="eval")
+        summary = evaluate_run(r.run_dir, "final", device=r.device, cfg=r.cfg)
+        r.sinks.event("eval_done", step=r.state.step, split=summary["split"], records=summary["records"],
+                      file=summary["file"], loss=summary["loss"], overall=summary.get("overall"))
 
 
 def inference_check(cfg: Config, adapter_dir: Path, questions: list[dict], device: torch.device,
                     max_new_tokens: int = 256) -> list[dict[str, str]]:
     """Load the base model and the saved adapter afresh and answer held-out questions with the
     thinking template (the generation prompt opens <think>)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from qwen_daemon.train.builtin import resolve_model_path
+    from qwen_daemon.train.evaluate import generate, load_adapted
 
-    dtype = compute_dtype(cfg, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if cfg.model.load_in_4bit:
-        kwargs["quantization_config"] = bnb_config(cfg, dtype)
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model.name_or_path), **kwargs)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = load_adapted(cfg, adapter_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    torch.manual_seed(cfg.train.seed)
-    answers = []
-    for q in questions:
-        prompt = tokenizer.apply_chat_template(q["prompt"], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens)
-        answers.append({"question": q["prompt"][-1]["content"], "reference": q["answer"],
-                        "generated": tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)})
-    del model, base
-    return answers
+    texts = generate(model, tokenizer, [q["prompt"] for q in questions], cfg, device, max_new_tokens=max_new_tokens)
+    del model
+    return [{"question": q["prompt"][-1]["content"], "reference": q["answer"], "generated": text}
+            for q, text in zip(questions, texts)]
 

@@ -73,17 +73,36 @@ class LogSink:
 
     def metrics(self, record: dict[str, Any]) -> None:
         if record.get("kind") == "eval":
-            log.info("step %d: eval_loss %.4f", record["step"], record["eval_loss"])
+            scores = {k: v for k, v in record.items() if k not in ("kind", "ts", "step")}
+            log.info("step %d: %s", record["step"], brief(scores))
         else:
             log.info("step %d/%d epoch %.2f: loss %.4f lr %.2e grad_norm %.3f %.0f tok/s mbs %d x accum %d",
                      record["step"], record["total_steps"], record["epoch"], record["loss"], record["lr"],
                      record["grad_norm"], record["tokens_per_s"], record["micro_batch_size"], record["grad_accum"])
 
     def event(self, kind: str, **data: Any) -> None:
-        log.info("event %s %s", kind, json.dumps(data, ensure_ascii=False, default=str))
+        log.info("event %s %s", kind, brief(data))
 
     def close(self) -> None:
         pass
+
+
+def brief(data: dict[str, Any], width: int = 60) -> str:
+    """One line for the log: key=value, long texts cut, lists and mappings summarised (the events'
+    whole content is in events.jsonl)."""
+    def short(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, (list, tuple)):
+            return f"[{len(value)} items]" if len(value) > 3 or any(isinstance(v, (dict, list)) for v in value) \
+                else "[" + ", ".join(short(v) for v in value) + "]"
+        if isinstance(value, dict):
+            shown = ", ".join(f"{k}={short(v)}" for k, v in list(value.items())[:6])
+            return "{" + shown + (", ..." if len(value) > 6 else "") + "}"
+        text = " ".join(str(value).split())
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    return " ".join(f"{k}={short(v)}" for k, v in data.items())
 
 
 class Sinks:
