@@ -296,6 +296,22 @@ class Supervisor:
                                                           f"after {self.restarts} restart(s)")
         return False
 
+    def write_report(self) -> None:
+        """report.html at the end of every run (finished, stopped or failed); a report that cannot
+        be written is a warning, never a failure of the run."""
+        try:
+            from qwen_daemon.report import write_report
+
+            path = write_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - the run is over either way
+            log.warning("no report: %s: %s", type(e).__name__, e)
+            return
+        event = {"ts": time.time(), "kind": "report", "path": str(path)}
+        self.publish("event", event)
+        with open(self.run_dir / runs.EVENTS, "a", encoding="utf-8") as out:
+            out.write(json.dumps(event) + "\n")
+        log.info("report: %s", path)
+
     # --- requests --------------------------------------------------------------------------------
 
     def handle_request(self, frames: list[bytes], sock: zmq.Socket) -> None:
@@ -438,6 +454,7 @@ class Supervisor:
                     self.handle_telemetry(self.pull.recv())
                 if not self.on_worker_exit(code):
                     break
+        self.write_report()
         self.publish("heartbeat", {"state": self.state, "step": self.step, "pid": os.getpid()})
         for sock in (*self.pubs, *self.routers, self.pull, self.pair):
             sock.close(linger=500)

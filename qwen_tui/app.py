@@ -89,6 +89,9 @@ class QwenTUI(App):
         """Apply what arrived, then redraw what changed (the header's clock once a second)."""
         if self.connection is not None:
             self.connection.drain(self.view)
+        if (self.view.connection == "offline") != self._read_only:
+            self._read_only = self.view.connection == "offline"
+            self.refresh_bindings()  # a read-only run offers no controls in the footer
         now = self.clock()
         shown = (self.view.version, int(now) if self.view.connection != "offline" else 0)
         if shown == self._shown:
@@ -104,6 +107,14 @@ class QwenTUI(App):
         self._shown = shown
 
     # --- controls ---------------------------------------------------------------------------------
+
+    _read_only = False
+    STEERING = ("pause", "checkpoint", "batch_size", "stop")
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """The steering keys are off and out of the footer while the run is read-only (the header
+        says why)."""
+        return not (self._read_only and action in self.STEERING)
 
     def action_pause(self) -> None:
         if self.view.state == "paused":

@@ -27,13 +27,14 @@ from typing import Any
 import zmq
 
 from shared import protocol, runs
+from shared.events import SMOOTHING, describe_event  # noqa: F401 - describe_event: the TUI's import
 
 KEEP_LOGS = 5000
 KEEP_EVENTS = 1000
 SILENCE_S = 5.0          # no message at all for this long: the daemon is gone (heartbeats are 1 s)
 SNAPSHOT_TIMEOUT_S = 5.0
-SMOOTHING = 0.9          # TensorBoard-style exponential moving average of the training loss
 SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
+SCORES = ("rouge_l_chars", "term_recall", "rouge_l_weighted")  # eval.generate_every_steps' answer scores
 DETOURS = {"evaluating", "saving"}
 
 
@@ -105,6 +106,7 @@ class RunView:
     train: dict[str, array] = field(default_factory=lambda: {k: array("d") for k in ("step", "ts", "smoothed", *SERIES)})
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
+    scores: dict[str, list] = field(default_factory=dict)  # score -> [(step, value)], from `eval` records
     logs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP_LOGS))
     logs_total: int = 0               # lines ever added: widgets append the ones they have not seen
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP_EVENTS))
@@ -173,6 +175,9 @@ class RunView:
             if _finite(record.get("eval_loss")):
                 self.eval_steps.append(record["step"])
                 self.eval_losses.append(record["eval_loss"])
+            for name in SCORES:
+                if _finite(record.get(name)):
+                    self.scores.setdefault(name, []).append((record["step"], float(record[name])))
             return
         if record.get("kind") != "train":
             return
@@ -204,6 +209,8 @@ class RunView:
             del series[keep:]
         kept_evals = sum(1 for s in self.eval_steps if s < step)
         del self.eval_steps[kept_evals:], self.eval_losses[kept_evals:]
+        for points in self.scores.values():
+            points[:] = [p for p in points if p[0] < step]
 
     def _add_log(self, body: dict, ts: float | None) -> None:
         self.logs.append(LogLine(ts, str(body.get("level", "INFO")), str(body.get("logger", "")),
@@ -482,64 +489,3 @@ class Connection:
         self.updates.put(("snapshot", snap))
         self._say("live")
         return snap.get("seq", 0), (snap.get("status") or {}).get("pid")
-
-
-# --- words for events -------------------------------------------------------------------------------
-
-def describe_event(event: dict) -> str:
-    """One line for the events pane, e.g. 'OOM: micro-batch now 2 x accumulation 8'."""
-    kind = event.get("kind", "?")
-    if kind == "checkpoint":
-        return f"checkpoint saved: {Path(str(event.get('path', ''))).name}"
-    if kind == "oom_recovered":
-        return (f"out of memory: micro-batch now {event.get('micro_batch_size')} x accumulation "
-                f"{event.get('grad_accum')}")
-    if kind == "batch_restored":
-        return (f"after the restart: micro-batch {event.get('micro_batch_size')} x accumulation "
-                f"{event.get('grad_accum')} again")
-    if kind == "oom_fatal":
-        return f"out of memory at micro-batch 1: {event.get('message', 'the run cannot go on')}"
-    if kind == "worker_restarted":
-        return (f"worker restarted (exit code {event.get('exit_code')}, restart {event.get('restart')}) from "
-                f"{Path(str(event.get('checkpoint') or 'the start')).name}")
-    if kind == "command_applied":
-        command, extra = event.get("command"), ""
-        if command == "set_batch_size":
-            extra = (f": micro-batch {event.get('micro_batch_size')} x accumulation {event.get('grad_accum')}"
-                     f" = global {event.get('global_batch')}")
-        elif command == "checkpoint":
-            extra = f": {Path(str(event.get('path', ''))).name}"
-        return f"{command} applied{extra}"
-    if kind == "command_failed":
-        return f"{event.get('command')} failed: {event.get('error')}"
-    if kind == "resumed":
-        return f"resumed from {Path(str(event.get('checkpoint', ''))).name} ({event.get('samples_seen')} samples seen)"
-    if kind == "train_start":
-        processes = event.get("processes") or 1
-        spread = f" on {processes} processes ({event.get('strategy', 'ddp')})" if processes > 1 else ""
-        return (f"training {'continues' if event.get('resumed') else 'starts'}: micro-batch "
-                f"{event.get('micro_batch_size')} x accumulation {event.get('grad_accum')}, "
-                f"{event.get('total_steps', '?')} steps{spread}")
-    if kind == "state":
-        reason = f" ({event['reason']})" if event.get("reason") else ""
-        return f"{event.get('previous') or 'start'} → {event.get('state')}{reason}"
-    if kind == "final_saved":
-        return f"final adapter saved: {event.get('path')}"
-    if kind == "inference_check":
-        return f"inference check: {len(event.get('answers') or [])} answers in inference.jsonl"
-    if kind in ("error", "crash"):
-        return f"{kind}: {event.get('message')}"
-    if kind == "straggler":
-        return f"rank {event.get('rank')} is {event.get('slower_pct', '?')}% slower than the median"
-    if kind == "memory_plan":
-        layers, k = event.get("layers"), event.get("checkpointed")
-        recompute = ("every layer recomputed" if k == layers else "no layer recomputed" if k == 0
-                     else f"{k} of {layers} layers recomputed")
-        peak = (f", predicted peak {event['predicted_peak']:.1f} of {event['budget']:.1f} GiB"
-                if event.get("predicted_peak") is not None and event.get("budget") is not None else "")
-        return (f"memory plan ({event.get('reason')}): micro-batch {event.get('micro_batch_size')} x accumulation "
-                f"{event.get('grad_accum')}, {recompute}{', inputs offloaded' if event.get('offload') else ''}{peak}")
-    if kind == "memory_checked":
-        return (f"memory: peak {event.get('measured_gib')} GiB, predicted {event.get('predicted_gib')} GiB "
-                f"({event.get('error_pct', 0):+.1f}%)")
-    return kind.replace("_", " ")

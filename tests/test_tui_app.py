@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from textual.widgets import Button, Input, OptionList
+from textual.widgets import Button, Footer, Input, OptionList
 
 from protocol_server import ProtocolServer, sample_gpu
 from qwen_tui.app import QwenTUI
@@ -145,6 +145,8 @@ async def test_chart_modes_log_filter_and_search(server):
         await pilot.press("m")
         assert chart.border_title.startswith("Learning rate")
         await pilot.press("m", "m", "m")
+        assert chart.border_title.startswith("Answer scores")
+        await pilot.press("m")
         assert chart.border_title.startswith("Loss")
 
         await pilot.press("l")  # WARNING and above
@@ -197,10 +199,14 @@ async def test_a_finished_run_opens_read_only(tmp_path):
         assert "finished" in header and "step 3/3" in header and "elapsed 0:03" in header
         assert "final adapter saved" in text(app.query_one(EventsPane))
         assert "daemon is not running" in text(app.query_one(GpuPanel))
+        def footer():
+            return {key.description for key in app.query_one(Footer).query("FooterKey")}
+
+        await until(pilot, lambda: "Chart" in footer() and "Stop" not in footer())  # no control of a finished run
+        assert "Chart" in footer() and not {"Pause/resume", "Checkpoint", "Batch size"} & footer()
         await pilot.press("p")
         await pilot.press("s")
         assert not isinstance(app.screen, ConfirmScreen)  # nothing to steer
-        assert any("read-only" in n.message for n in app._notifications)
 
 
 async def test_several_live_runs_offer_a_picker(tmp_path):
@@ -231,3 +237,26 @@ def test_100k_steps_reduce_to_the_chart_width():
     assert len(xs) == len(ys) == 200
     assert xs[0] == pytest.approx(250.5) and ys.mean() == pytest.approx(3.0, abs=0.01)
 
+
+
+async def test_an_ended_run_shows_its_result_and_where_the_report_is(tmp_path):
+    run = tmp_path / "demo-done"
+    run.mkdir()
+    (run / "config.yaml").write_text("model:\n  name_or_path: builtin:tiny-qwen3\n", encoding="utf-8")
+    (run / "daemon.json").write_text(json.dumps({"pid": 999999, "state": "finished", "started_at": 1000.0}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"kind": "train", "ts": 1001.0, "step": 1, "total_steps": 2, "loss": 2.0},
+        {"kind": "eval", "ts": 1001.5, "step": 1, "eval_loss": 1.75},
+        {"kind": "train", "ts": 1002.0, "step": 2, "total_steps": 2, "loss": 1.9},
+        {"kind": "eval", "ts": 1002.5, "step": 2, "eval_loss": 1.8})))
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
+        {"ts": 1003.0, "kind": "eval_done", "step": 2, "split": "test", "records": 4, "file": "eval/final-test.jsonl",
+         "overall": {"base": {"rouge_l_chars": 0.1}, "tuned": {"rouge_l_chars": 0.25}}},
+        {"ts": 1004.0, "kind": "report", "path": str(run / "report.html")})))
+    app = QwenTUI(Connection(run_dir=run).start())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: "report written" in text(app.query_one(GpuPanel)))
+        panel = text(app.query_one(GpuPanel))
+        assert "best eval loss 1.7500 at step 1" in panel
+        assert "4 questions of test, ROUGE-L (chars) 0.100 -> 0.250" in panel
+        assert str(run / "report.html") in panel

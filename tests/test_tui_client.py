@@ -221,3 +221,14 @@ def test_attach_with_no_live_run_says_what_to_do(tmp_path, capsys):
     assert "no run 'no-such-run'" in capsys.readouterr().err
     assert main(["attach", "--endpoint", "localhost:5555"]) == 1
     assert "tcp://HOST:PORT" in capsys.readouterr().err
+
+
+def test_answer_scores_from_eval_records_become_series_and_rewind_with_a_restart():
+    view = RunView()
+    for record in ({"kind": "train", "step": 1, "loss": 2.0}, {"kind": "eval", "step": 1, "rouge_l_chars": 0.1},
+                   {"kind": "train", "step": 2, "loss": 1.9},
+                   {"kind": "eval", "step": 2, "rouge_l_chars": 0.2, "term_recall": 0.5, "eval_loss": 1.5},
+                   {"kind": "train", "step": 2, "loss": 1.8}):  # step 2 redone after a restart
+        view._add_metric(record)
+    assert view.scores == {"rouge_l_chars": [(1, 0.1)], "term_recall": []}
+    assert view.eval_losses == []

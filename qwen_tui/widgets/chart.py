@@ -11,7 +11,9 @@ from textual_plotext import PlotextPlot
 
 from qwen_tui.client import RunView
 
-MODES = (("loss", "Loss"), ("lr", "Learning rate"), ("grad_norm", "Gradient norm"), ("tokens_per_s", "Tokens/s"))
+MODES = (("loss", "Loss"), ("lr", "Learning rate"), ("grad_norm", "Gradient norm"), ("tokens_per_s", "Tokens/s"),
+         ("scores", "Answer scores"))
+SCORE_COLORS = {"rouge_l_chars": "orange", "term_recall": "cyan", "rouge_l_weighted": "magenta"}
 MIN_INTERVAL_S = 0.5  # replot at most twice a second, however fast metrics arrive
 
 
@@ -51,7 +53,8 @@ class MetricChart(PlotextPlot):
         v = self.view
         if v is None:
             return
-        key = (v.generation, len(v.train["step"]), len(v.eval_steps), self.mode, self.size.width)
+        key = (v.generation, len(v.train["step"]), len(v.eval_steps), sum(map(len, v.scores.values())), self.mode,
+               self.size.width)
         if key == self._drawn or (not force and time.monotonic() - self._drawn_at < MIN_INTERVAL_S):
             return
         self._drawn, self._drawn_at = key, time.monotonic()
@@ -76,6 +79,13 @@ class MetricChart(PlotextPlot):
             if v.eval_steps:
                 plt.scatter(*bucket_means(v.eval_steps, v.eval_losses, buckets), marker="◆", color="cyan",
                             label="eval")
+        elif name == "scores":
+            if not v.scores:
+                plt.title("no answer scores yet: eval.generate_every_steps scores a sample during training")
+            for score, points in v.scores.items():
+                xs, ys = zip(*points)
+                plt.plot(*bucket_means(xs, ys, buckets), marker="braille", color=SCORE_COLORS.get(score, "white"),
+                         label=score)
         else:
             plt.plot(*bucket_means(steps, v.train[name], buckets), marker="braille", color="orange")
         self.refresh()

@@ -7,7 +7,8 @@ import time
 from rich.text import Text
 from textual.widgets import RichLog
 
-from qwen_tui.client import RunView, describe_event
+from qwen_tui.client import RunView
+from shared.events import describe_event
 
 EVENT_STYLES = {"checkpoint": "green", "final_saved": "bold green", "oom_recovered": "bold yellow",
                 "oom_fatal": "bold red", "error": "bold red", "command_failed": "red", "worker_restarted": "bold magenta",

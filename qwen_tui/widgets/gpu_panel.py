@@ -8,6 +8,7 @@ from textual.widget import Widget
 
 from qwen_tui.client import RunView
 from qwen_tui.format import GIB, gib
+from shared.events import describe_event
 
 LOW_FREE_FRACTION = 0.05   # warn when less than this share of a GPU's memory is free ...
 LOW_FREE_BYTES = 1 * GIB   # ... or less than this, whichever is larger
@@ -32,6 +33,20 @@ def memory_bar(width: int, total: float, allocated: float = 0, reserved: float =
                          ("▒" * (cells[2] - cells[1]), f"dim {colour}"), ("░" * (width - cells[2]), "dim"))
 
 
+def ended(v) -> list[tuple[str, str]]:
+    """What a run that has ended leaves to read: its best eval loss, the evaluation's result and
+    where the report is (from its events)."""
+    parts = []
+    if v.eval_losses:
+        best = min(range(len(v.eval_losses)), key=v.eval_losses.__getitem__)
+        parts.append((f"\nbest eval loss {v.eval_losses[best]:.4f} at step {v.eval_steps[best]}", ""))
+    for kind, style in (("eval_done", "cyan"), ("report", "bold green")):
+        event = next((e for e in reversed(v.events) if e.get("kind") == kind), None)
+        if event is not None:
+            parts.append(("\n" + describe_event(event), style))
+    return parts
+
+
 class GpuPanel(Widget):
     DEFAULT_CSS = "GpuPanel { height: auto; padding: 0 1; }"
 
@@ -50,6 +65,8 @@ class GpuPanel(Widget):
         self.refresh(layout=True)
 
     def get_content_height(self, container, viewport, width: int) -> int:
+        if self.view is not None and self.view.gpu is None and self.view.connection == "offline":
+            return 1 + len(ended(self.view))
         gpus = ((self.view.gpu or {}).get("gpus") if self.view else None) or []
         return max(1, len(gpus))
 
@@ -59,7 +76,7 @@ class GpuPanel(Widget):
             return Text("waiting for the first GPU sample ...", style="dim")
         if v.gpu is None:
             peak = f" · the trainer's peak was {v.gpu_peak:.1f} GiB" if v.gpu_peak is not None else ""
-            return Text("no live GPU figures: the daemon is not running" + peak, style="dim")
+            return Text.assemble(("no live GPU figures: the daemon is not running" + peak, "dim"), *ended(v))
         width = self.size.width - 2
         gpus, ranks = v.gpu.get("gpus") or [], v.gpu.get("ranks") or []
         if not gpus:
