@@ -165,6 +165,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         run = _find_run(args.resume, live=False)
         if runs.live_daemon(run):
             raise DataError(f"{run} is running; nothing to resume")
+        ended = (_read_json(run / runs.DAEMON_JSON) or {}).get("state")
+        if ended == "finished":
+            print(f"{run} has finished (step {_last_step(run)}, adapter in {run / 'final'}); nothing to resume. "
+                  "To train on, start a new run, e.g. with --set train.epochs=... from its config.")
+            return 0
     else:
         if not args.config:
             raise ConfigError("start needs --config FILE (or --resume RUN)")

@@ -13,6 +13,7 @@ from qwen_daemon import gpu
 from shared.config import Config
 
 BACKEND_ENV = "QWEN_DAEMON_BACKEND"  # the backend the supervisor chose, for the workers
+SUPERVISOR_ENV = "QWEN_DAEMON_SUPERVISOR_PID"  # the daemon a worker belongs to (workers end without it)
 RESTARTS_ENV = "QWEN_DAEMON_RESTARTS"  # how many times the workers were restarted (0 at first)
 
 
@@ -29,6 +30,30 @@ def child_env() -> dict[str, str]:
         # peak that the memory plan budgets for (sizes change with every micro-batch and plan).
         env["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
     return env
+
+
+def die_with_parent(sig: int | None = None) -> None:
+    """Linux: this process gets `sig` (SIGTERM) when its parent dies (prctl PR_SET_PDEATHSIG; kept
+    across exec). For the processes the supervisor starts (preexec_fn) and the ranks torchrun
+    starts; elsewhere a no-op, and the workers' own watch of the supervisor's pid stays."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(sig or signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def processes(cfg: Config) -> int:

@@ -234,15 +234,19 @@ class Supervisor:
 
     def spawn(self, resume: bool) -> None:
         env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
-               worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1"}
+               worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1",
+               launch.SUPERVISOR_ENV: str(os.getpid())}
         env[launch.BACKEND_ENV] = self.backend
         env[launch.RESTARTS_ENV] = str(self.restarts)
         # QWEN_DAEMON_WORKER_MODULE: another worker program (the telemetry benchmark's synthetic one).
         module = os.environ.get("QWEN_DAEMON_WORKER_MODULE", "qwen_daemon.worker")
         cmd = launch.worker_command(self.run_dir, resume, self.cfg, self.processes, module)
         self.reported = set()
+        # The trainers end when this process does, however it ends (kill -9 too), and hold the run's
+        # lock until they have.
         self.worker = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=open(self.run_dir / runs.DAEMON_LOG, "ab"), stderr=subprocess.STDOUT)
+                                       stdout=open(self.run_dir / runs.DAEMON_LOG, "ab"), stderr=subprocess.STDOUT,
+                                       preexec_fn=launch.die_with_parent, pass_fds=(self.lock,))
         self.set_state("loading", f"worker pid {self.worker.pid}")
 
     def stop_worker(self) -> None:
@@ -369,13 +373,14 @@ class Supervisor:
                 "gpu": self.gpu, "metrics": protocol.downsample(self.metrics), "logs": list(self.logs),
                 "events": list(self.events)}
 
-    def handle_worker_reply(self, frame: bytes) -> None:
-        reply = msgpack.unpackb(frame, raw=False)
+    def handle_worker_reply(self, reply: dict[str, Any]) -> None:
+        """A command's reply, which came on the telemetry stream after everything the worker sent
+        before applying it: its `seq` is the last message published before it."""
         route, id, cmd, sock = self.forwarded.pop(reply["id"], (None, None, None, None))
         if route is None:
             return
         if reply["ok"]:
-            encoded = protocol.encode_reply(id, result=reply["result"])
+            encoded = protocol.encode_reply(id, result={**reply["result"], "seq": self.seq})
             if cmd in ("pause", "resume"):
                 self.set_state("paused" if cmd == "pause" else "training", f"{cmd} at step {reply['result']['step']}")
         else:
@@ -388,6 +393,9 @@ class Supervisor:
         topic, body = message["topic"], message["body"]
         if topic == "rank":  # a worker's own torch memory figures, merged into the gpu topic
             self.ranks[body["rank"]] = body
+            return
+        if topic == "reply":
+            self.handle_worker_reply(body)
             return
         self.follow_state(topic, body)
         if topic == "event" and body.get("kind") in ("error", "stopped"):
@@ -411,6 +419,7 @@ class Supervisor:
     # --- the loop --------------------------------------------------------------------------------
 
     def run(self) -> int:
+        self.lock = runs.lock_run(self.run_dir)  # RunLocked names the holder
         other = runs.live_daemon(self.run_dir)
         if other is not None:
             raise RuntimeError(f"{self.run_dir} already has a daemon (pid {other['pid']}, {other['state']}); "
@@ -428,7 +437,7 @@ class Supervisor:
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
         poller = zmq.Poller()
-        for sock in (*self.routers, self.pull, self.pair):
+        for sock in (*self.routers, self.pull):  # (the pair only carries requests to the worker)
             poller.register(sock, zmq.POLLIN)
         next_tick = time.monotonic()
         while True:
@@ -440,10 +449,8 @@ class Supervisor:
             for sock, _ in poller.poll(timeout * 1000):
                 if sock in self.routers:
                     self.handle_request(sock.recv_multipart(), sock)
-                elif sock is self.pull:
-                    self.handle_telemetry(self.pull.recv())
                 else:
-                    self.handle_worker_reply(self.pair.recv())
+                    self.handle_telemetry(self.pull.recv())
             if time.monotonic() >= next_tick:
                 next_tick += protocol.HEARTBEAT_INTERVAL
                 self.publish("gpu", {**self.sampler.sample(), "ranks": [self.ranks[r] for r in sorted(self.ranks)]})

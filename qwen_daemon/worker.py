@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from qwen_daemon import gpu
+from qwen_daemon import gpu, launch
 from shared import runs
 from shared.config import load_config
 
@@ -106,36 +106,45 @@ def torch_device_index() -> int:
 
 def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event,
                    telemetry: Telemetry) -> None:
-    """Command thread: requests from the supervisor -> Controls; replies once applied (rank 0 only:
-    the loop broadcasts commands to the other ranks). Also sends this process's torch memory
-    figures once a second (every rank)."""
+    """Command thread: requests from the supervisor -> Controls (rank 0 only: the loop broadcasts
+    commands to the other ranks). A command's reply goes out on the telemetry stream, from the
+    loop's thread the moment it applies the command, so it follows every record of the step it was
+    applied at (docs/protocol.md). Also sends this process's torch memory figures once a second
+    (every rank)."""
     sock = context.socket(zmq.PAIR)
     if RANK == 0:
         sock.connect(endpoint)
-    replies: queue.Queue = queue.Queue()
     calls = {"pause": lambda a: controls.pause(a.get("release_memory", False)),
              "resume": lambda a: controls.resume(), "checkpoint": lambda a: controls.checkpoint(),
              "stop": lambda a: controls.stop(),
              "set_batch_size": lambda a: controls.set_micro_batch_size(a["micro_batch_size"],
                                                                         a.get("keep_global_batch", True))}
+
+    def reply(id: int, future) -> None:
+        error = future.exception()
+        telemetry.send("reply", {"id": id, "ok": error is None,
+                                 **({"error": str(error)} if error else {"result": future.result()})})
+
     next_memory = 0.0
+    supervisor = int(os.environ.get(launch.SUPERVISOR_ENV, 0))
+    orphaned = False
     while not stop.is_set():
         if time.monotonic() >= next_memory:  # this process's torch memory, once a second, for the gpu topic
             next_memory = time.monotonic() + 1.0
             if memory := gpu.torch_memory(torch_device_index()):
                 telemetry.send("rank", {"rank": RANK, "index": torch_device_index(), "pid": os.getpid(), **memory})
+            if supervisor and not orphaned and not launch.alive(supervisor):
+                # Where the parent-death signal could not be set (or the agent in between lives on):
+                # nobody steers this run any more, so end it at the next step, with a checkpoint.
+                orphaned = True
+                log.warning("the daemon (pid %d) is gone: stopping at the next step boundary", supervisor)
+                controls.stop()
         if RANK != 0:
             stop.wait(0.1)
         elif sock.poll(100):
             request = msgpack.unpackb(sock.recv(), raw=False)
             future = calls[request["cmd"]](request.get("args") or {})
-            future.add_done_callback(lambda f, id=request["id"]: replies.put((id, f)))
-        while not replies.empty():
-            id, future = replies.get()
-            error = future.exception()
-            reply = {"id": id, "ok": error is None}
-            reply.update({"error": str(error)} if error else {"result": future.result()})
-            sock.send(msgpack.packb(reply, use_bin_type=True, default=str))
+            future.add_done_callback(lambda f, id=request["id"]: reply(id, f))
     sock.close(linger=1000)
 
 
@@ -151,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     run = Path(args.run_dir)
     cfg = load_config(run / runs.CONFIG)
+    launch.die_with_parent()  # (a rank under torchrun: its parent is the agent, which has it too)
 
     context = zmq.Context()
     telemetry = Telemetry(context, os.environ[TELEMETRY_ENV])
@@ -170,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.start()
     code = EXIT_FAILED
     try:
-        train(cfg, run, controls, resume=args.resume, sinks=(TelemetrySink(telemetry),))
-        code = EXIT_FINISHED if (run / "final").exists() else EXIT_STOPPED
+        state = train(cfg, run, controls, resume=args.resume, sinks=(TelemetrySink(telemetry),))
+        code = EXIT_FINISHED if state.finished else EXIT_STOPPED  # what train() did, on every rank
     except (TrainingError, ModelLoadError, TermDictionaryError) as e:
         log.error("%s", e)
         telemetry.send("event", {"kind": "error", "message": str(e)})

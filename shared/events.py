@@ -42,6 +42,8 @@ def _describe(event: dict) -> str:
         return f"{command} applied{extra}"
     if kind == "command_failed":
         return f"{event.get('command')} failed: {event.get('error')}"
+    if kind == "resumed" and event.get("from_start"):
+        return "resumed: no checkpoint yet, so training starts again at step 0"
     if kind == "resumed":
         return f"resumed from {Path(str(event.get('checkpoint', ''))).name} ({event.get('samples_seen')} samples seen)"
     if kind == "train_start":

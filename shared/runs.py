@@ -19,6 +19,31 @@ EVENTS = "events.jsonl"
 # The batch size restarted workers must use when it differs from their checkpoint's (an OOM, or a
 # command since the checkpoint); written atomically, read and removed by the workers.
 RESTART_BATCH = "restart_batch.json"
+LOCK = "daemon.lock"  # held (flock) by the run's daemon and inherited by its trainers
+
+
+class RunLocked(RuntimeError):
+    """Another process owns the run directory; the message names it."""
+
+
+def lock_run(run: Path) -> int:
+    """Take the run directory's exclusive lock for this process (and the children that inherit
+    the descriptor); returns the descriptor, to keep open. The lock goes with the last process
+    holding it, however it ends (kill -9 included): a trainer left running by a killed daemon
+    still holds it until it ends."""
+    import fcntl
+
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunLocked(f"{run} is owned by another daemon (pid {holder}) or a trainer it started that is still "
+                        f"ending; wait for it, or stop it (qwen-daemon stop {run}; kill {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def write_restart_batch(run: Path, micro_batch_size: int, grad_accum: int, processes: int, reason: str) -> None:

@@ -96,7 +96,8 @@ def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
         assert not bad["ok"] and bad["error"]["code"] == "command_failed"
         assert "does not divide" in bad["error"]["message"]
         changed = client.call("set_batch_size", micro_batch_size=1)
-        assert changed["result"] == {"step": step, "micro_batch_size": 1, "grad_accum": 4, "global_batch": 4}
+        assert changed["result"] == {"step": step, "micro_batch_size": 1, "grad_accum": 4, "global_batch": 4,
+                                     "seq": changed["result"]["seq"]}
         status = client.call("status")["result"]  # at once, not only after the next step's record
         assert (status["micro_batch_size"], status["grad_accum"], status["total_steps"]) == (1, 4, 40)
 
@@ -211,8 +212,8 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(run_dir):
         assert proc.wait(TIMEOUT_MS / 1000) == 0
     assert json.loads((run_dir / "daemon.json").read_text())["state"] == "stopped"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["kind"] == "stopped"
-    assert (run_dir / "checkpoints" / f"checkpoint-{events[-1]['step']}").is_dir()  # saved at the stop
+    assert [e["kind"] for e in events[-2:]] == ["stopped", "report"]  # the report is written last
+    assert (run_dir / "checkpoints" / f"checkpoint-{events[-2]['step']}").is_dir()  # saved at the stop
 
 
 def test_a_late_joiner_reconstructs_the_whole_history(run_dir):
@@ -336,7 +337,7 @@ def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
     with running(run_dir) as (proc, client):
         second = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir)], env=child_env(),
                                 capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and "already has a daemon" in second.stderr
+        assert second.returncode == 2 and f"owned by another daemon (pid {proc.pid})" in second.stderr
         assert client.call("ping")["ok"]  # the first one is untouched
         assert client.call("stop")["ok"]
         assert proc.wait(TIMEOUT_MS / 1000) == 0
@@ -356,3 +357,72 @@ def test_with_no_restarts_left_a_killed_worker_fails_the_run(run_dir):
         failed = client.wait_for(lambda m: m["topic"] == "state" and m["body"]["state"] == "failed")
         assert "code -9" in failed["body"]["reason"]
         assert proc.wait(TIMEOUT_MS / 1000) == 1
+
+
+def test_a_reply_follows_the_telemetry_of_the_step_it_was_applied_at(run_dir):
+    """The reply to pause carries the seq of the last message published before it; the metrics of
+    the step it was applied at are among those, never after."""
+    with running(run_dir) as (proc, client):
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)
+        reply = client.call("pause")
+        assert reply["ok"]
+        step, seq = reply["result"]["step"], reply["result"]["seq"]
+        seen = {}
+        while True:  # everything published up to the reply, and nothing more of that step later
+            message = client.wait_for(lambda m: True)
+            if message["topic"] == "metrics" and message["body"].get("kind") == "train":
+                seen[message["body"]["step"]] = message["seq"]
+            if message["seq"] >= seq:
+                break
+        assert seen.get(step, 0) <= seq and step in seen or step < min(seen, default=step + 1)
+        client.call("stop")
+        assert proc.wait(TIMEOUT_MS / 1000) == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(m["kind"] == "train" and m["step"] == step for m in metrics)
+
+
+def test_a_killed_daemon_takes_its_trainer_with_it_and_the_run_stays_locked_until_it_is_gone(run_dir):
+    import signal
+
+    with_listen(run_dir, "train.max_steps=100000")  # left alone, the trainer would go on for hours
+    proc, client = start_supervisor(run_dir)
+    try:
+        client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 2)
+        trainer = worker_pid(client)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 120
+        refused = None
+        while os.path.exists(f"/proc/{trainer}") and b"zombie" not in _status(trainer):
+            if refused is None:  # the trainer still holds the run: nobody else may take it
+                refused = subprocess.run([sys.executable, "-m", "qwen_daemon.supervisor", str(run_dir), "--resume"],
+                                         env=child_env(), capture_output=True, text=True, timeout=60)
+            assert time.monotonic() < deadline, "the trainer outlived its daemon"
+            time.sleep(0.2)  # polling a process we do not own: no event to wait on
+    finally:
+        proc.kill()
+        client.close()
+    if refused is not None:
+        assert refused.returncode == 2 and "owned by another daemon" in refused.stderr
+    # It stopped at a step boundary with a checkpoint (SIGTERM from the parent-death signal), and
+    # the run resumes from there.
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["kind"] == "stopped"
+    with running(run_dir) as (proc, client):
+        pass  # the lock is free again: the daemon starts (and is killed by running())
+
+
+def _status(pid: int) -> bytes:
+    try:
+        return open(f"/proc/{pid}/status", "rb").read().lower()
+    except OSError:
+        return b"zombie"
+
+
+def test_resuming_a_finished_run_says_it_is_finished(run_dir, capsys):
+    from qwen_daemon import cli
+
+    (run_dir / "daemon.json").write_text(json.dumps({"pid": 999999, "state": "finished"}))
+    assert cli.main(["start", "--resume", str(run_dir)]) == 0
+    assert "has finished" in capsys.readouterr().out
+    assert json.loads((run_dir / "daemon.json").read_text())["pid"] == 999999  # no daemon was started

@@ -250,3 +250,14 @@ def test_a_checkpoint_does_not_resume_under_the_other_strategy(tmp_path, data_di
     fsdp = make_cfg(tmp_path, data_dir, "train.max_steps=2", "launch.strategy=fsdp")  # torch's AdamW
     with pytest.raises(CheckpointError, match=r"optimizer.pt: does not fit this optimizer .*launch.strategy"):
         train(fsdp, run_dir(fsdp), resume=True)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, data_dir):
+    cfg = make_cfg(tmp_path, data_dir, "train.max_steps=2", "train.inference_check_tokens=0")
+    run = run_dir(cfg)
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 9.0}) + "\n")  # then killed
+    recorder = Recorder()
+    state = train(cfg, run, resume=True, sinks=(recorder,))
+    assert state.step == 2 and state.finished
+    resumed = next(data for kind, data in recorder.events if kind == "resumed")
+    assert resumed["from_start"] and resumed["step"] == 0

@@ -81,6 +81,7 @@ class TrainState:
     checkpointed_layers: int | None = None  # decoder layers recomputed (None: as train.grad_checkpointing says)
     offload: bool = False  # their inputs kept in host memory
     fitted_on: str | None = None  # GPU and processes the memory plan was fitted for (fitting.fingerprint)
+    finished: bool = False  # the run reached its last step and did its end-of-run work
     eval_loss: float | None = None  # latest validation loss
     best_eval_loss: float | None = None
     best_step: int | None = None

@@ -173,8 +173,12 @@ def _train(r: Run, resume: bool) -> TrainState:
     save(r)  # final (or on stop): always a checkpoint to resume from
     if r.stopping:
         r.sinks.event("stopped", step=r.state.step)
-    else:
-        finish(r)
+        return r.state
+    # Every rank is here, done training, before rank 0 does the end-of-run work (the others go
+    # while it does: a collective waiting through an evaluation would time out).
+    barrier(r.world_size)
+    finish(r)
+    r.state.finished = True
     return r.state
 
 
@@ -220,10 +224,14 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     r.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(cfg, device) == torch.float16)
     r.total_steps = total_steps(r)
     r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
+    path = latest_valid_checkpoint(run_dir) if resume else None
+    if resume and path is None:
+        # Killed before its first checkpoint: nothing was kept, so nothing is lost by starting over.
+        log.warning("no checkpoint in %s yet: the run starts again at step 0 with its frozen config",
+                    run_dir / "checkpoints")
+        sinks.event("resumed", step=0, checkpoint=None, samples_seen=0, from_start=True)
+        resume = False
     if resume:
-        path = latest_valid_checkpoint(run_dir)
-        if path is None:
-            raise TrainingError(f"nothing to resume: no valid checkpoint in {run_dir / 'checkpoints'}")
         # Under FSDP the checkpoint's whole tensors are copied into sharded parameters: treated as
         # replicated, each rank keeps its shard (peft's loader alone fails on older torch/peft).
         with implicit_replication() if sharded else contextlib.nullcontext():
