@@ -1,10 +1,13 @@
 """Tests for the Markdown Q&A parser: one fixture per layout, malformed files, and edge rules."""
 
+import dataclasses
+import functools
 from pathlib import Path
 
+import opencc
 import pytest
 
-from qwen_daemon.train.markdown_qa import MarkdownProblem, MarkdownQA, parse_markdown_qa
+from qwen_daemon.train.markdown_qa import LABELS, MarkdownProblem, MarkdownQA, parse_markdown_qa
 
 FIXTURES = Path(__file__).parent / "fixtures" / "markdown"
 
@@ -142,6 +145,7 @@ def test_empty_file(text):
     ("**Q:** 问题文本", "**A:** 答案文本"),
     ("**问题**：问题文本", "**答案：** 答案文本"),
     ("- 问：问题文本", "- 答：答案文本"),
+    ("问︰问题文本", "答﹕答案文本"),  # the colons of Hong Kong and Taiwan input methods
 ])
 def test_label_line_forms(question_line, answer_line):
     assert parse_clean(f"{question_line}\n{answer_line}\n") == [MarkdownQA(1, "问题文本", "答案文本")]
@@ -286,3 +290,81 @@ def test_heading_without_space_gets_a_hint():
     _, problems = parse_markdown_qa("##问题\n什么？\n##答案\n这个。\n")
     assert len(problems) == 1
     assert "space after '#'" in problems[0].reason
+
+
+# --- traditional Chinese ------------------------------------------------------------------------
+
+
+@functools.cache
+def _opencc(config: str) -> opencc.OpenCC:
+    return opencc.OpenCC(config)
+
+
+def to_traditional(text: str, config: str = "s2t") -> str:
+    """Simplified text in traditional characters (OpenCC, characters only: no vocabulary change)."""
+    return _opencc(config).convert(text)
+
+
+def traditional_records(records: list[MarkdownQA], config: str) -> list[MarkdownQA]:
+    """What the traditional twin of a file must give: the same records, their text converted."""
+    def convert(value):
+        return to_traditional(value, config) if isinstance(value, str) else value
+    return [dataclasses.replace(r, **{f.name: convert(getattr(r, f.name)) for f in dataclasses.fields(r)})
+            for r in records]
+
+
+@pytest.mark.parametrize("config", ["s2t", "s2tw", "s2hk"])
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.md")))
+def test_traditional_twin_of_every_fixture_gives_the_same_records(fixture, config):
+    simplified = (FIXTURES / fixture).read_text(encoding="utf-8")
+    records, problems = parse_markdown_qa(simplified)
+    assert parse_markdown_qa(to_traditional(simplified, config)) == (traditional_records(records, config), problems)
+
+
+def test_traditional_label_lines_from_the_bug_report():
+    text = "問：什麼是金鑰？\n答：用來加密的秘密值。\n\n問題: 什麼是雜湊？\n答案: 單向函數。\n"
+    assert parse_clean(text) == [MarkdownQA(1, "什麼是金鑰？", "用來加密的秘密值。"),
+                                 MarkdownQA(4, "什麼是雜湊？", "單向函數。")]
+
+
+# Every shape a label can take; {label} is the label under test, the other sections use plain labels.
+LABEL_SHAPES = {
+    "line, full-width colon": "{label}：文本一",
+    "line, ASCII colon": "{label}: 文本一",
+    "line, numbered": "{label} 2、文本一",
+    "heading": "## {label}\n文本一",
+    "numbered heading": "### {label}三：文本一",
+    "bold alone": "**{label}**\n\n文本一",
+    "bold, colon after": "**{label}**：文本一",
+    "bold, colon inside": "**{label}：** 文本一",
+    "numbered list item": "1. {label}：文本一",
+    "bullet": "- {label}：文本一",
+}
+# Where a section of each kind goes in a file; {section} is one of LABEL_SHAPES.
+KIND_CONTEXT = {
+    "question": "{section}\n答：答案",
+    "answer": "问：问题\n{section}",
+    "reasoning": "问：问题\n{section}\n答：答案",
+    "system": "{section}\n问：问题\n答：答案",
+}
+CHINESE_LABELS = [(kind, name) for kind, names in LABELS.items() for name in names if not name.isascii()]
+
+
+@pytest.mark.parametrize("shape", LABEL_SHAPES)
+@pytest.mark.parametrize("kind, label", CHINESE_LABELS)
+def test_every_chinese_label_is_also_recognised_in_traditional_characters(kind, label, shape):
+    def parse(name):
+        return parse_markdown_qa(KIND_CONTEXT[kind].format(section=LABEL_SHAPES[shape].format(label=name)))
+
+    simplified = parse(label)
+    for config in ("s2t", "s2tw", "s2hk"):
+        assert parse(to_traditional(label, config)) == simplified, to_traditional(label, config)
+    if kind != "system" or label != "系统" or not shape.startswith(("line", "numbered list", "bullet")):
+        # The label is one (a plain `系统：` line never is): make sure the comparison above meant something.
+        assert simplified[1] == [] and len(simplified[0]) == 1
+
+
+def test_traditional_labels_mixed_with_simplified_characters():
+    # Typed with two input methods: 問题, 系統提示词.
+    text = "系統提示词：你是助教。\n問题：X？\n思考過程：先想。\n答：x\n"
+    assert parse_clean(text) == [MarkdownQA(2, "X？", "x", reasoning="先想。", system="你是助教。")]

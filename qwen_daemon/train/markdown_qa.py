@@ -13,6 +13,7 @@ Layouts (one file may mix the label layouts 1-3):
 2. Label lines: `Q: ...` / `A: ...`, `问：...` / `答：...`, `问题：...` / `答案：...`, also bold
    (`**Q:**`, `**问题**：`, `**答案：**`) or after a list marker (`1. 问：...`, `- A: ...`). The text
    after the label and the following lines belong to it, up to the next label, a rule or a heading.
+   The colon may be `：`, `:` or the `︰`/`﹕` of Hong Kong and Taiwan input methods.
 3. Bold labels on their own line (`**问题**`, then the paragraph): as 2 with no text on the line.
 4. Numbered lists (no labels anywhere in the file): each item `1. ` / `1、` / `1) ` is a question,
    the lines after it (up to the next item of the same list, a heading or a rule) are the answer;
@@ -20,6 +21,9 @@ Layouts (one file may mix the label layouts 1-3):
 5. Question headings (no question labels anywhere in the file): a heading ending in `？`/`?` is a
    question and its body, up to the next question heading, a heading of the same or a higher
    level or a rule, is the answer.
+
+Every Chinese label also counts in traditional characters (`問：`, `## 問題`, `**思考過程**`,
+`系統提示詞：`), so a file in traditional Chinese gives the same records as its simplified twin.
 
 `parse_markdown_qa` has the precise rules.
 """
@@ -61,6 +65,12 @@ LABELS: dict[str, tuple[str, ...]] = {
 }
 _KIND_OF_LABEL = {name: kind for kind, names in LABELS.items() for name in names}
 
+# Labels are matched after folding the traditional characters they contain to simplified ones, so
+# 問題/題目/問, 思考過程/推理過程, 系統提示詞/系統提示/系統 (and halfway mixes such as 問题, typed with two
+# input methods) are the same labels. One character for one character: positions in the folded
+# text are positions in the original, and the text after a label is taken from the original.
+_TRADITIONAL_LABEL_CHARS = str.maketrans("問題過統詞", "问题过统词")
+
 # `系统：`/`System:` start many ordinary lines ("系统：Ubuntu 22.04"), so as a plain line (not a
 # heading, not bold) the system label must be one of the longer forms.
 _PLAIN_SYSTEM_LABELS = {"系统提示词", "系统提示", "system prompt"}
@@ -72,7 +82,9 @@ _LABEL_RE = re.compile(
     r"[ \t]*(?P<num>\d+|[一二三四五六七八九十百千]+)?[ \t]*",
     re.IGNORECASE,
 )
-_SEPARATORS = (":", "：")
+# Full-width and ASCII colons, and the ones Hong Kong and Taiwan input methods also produce
+# (U+FE30 `︰`, U+FE55 `﹕`).
+_SEPARATORS = (":", "：", "︰", "﹕")
 _AFTER_NUMBER_SEPARATORS = (".", "、", "．", ")", "）")  # `问题1、...`, `Q1. ...`
 _BOLD_RE = re.compile(r"^(\*\*|__)(.+?)\1(.*)$")
 
@@ -88,8 +100,11 @@ class _Label:
 
 
 def _match_label_start(text: str) -> tuple[str, str, bool] | None:
-    """Match `label [number] [separator]` at the start of text: (name, rest, had_separator)."""
-    m = _LABEL_RE.match(text)
+    """Match `label [number] [separator]` at the start of text: (name, rest, had_separator).
+
+    The name is the simplified form, lower-cased (`問題` gives `问题`).
+    """
+    m = _LABEL_RE.match(text.translate(_TRADITIONAL_LABEL_CHARS))
     if m is None:
         return None
     name = m.group("label").lower()
