@@ -98,10 +98,11 @@ class DataConfig(_Section):
     """What to do with a sample longer than max_seq_len; either way it is reported."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = 42
-    to_simplified: bool | Literal["tw2sp", "t2s", "tw2s", "hk2s"] = True
-    """Convert traditional Chinese to simplified: true = OpenCC tw2sp (also Taiwan vocabulary to
-    mainland vocabulary) for texts with traditional characters, simplified texts untouched; or an
-    OpenCC configuration name applied to every text; false = keep as written."""
+    to_simplified: bool = True
+    """Convert traditional Chinese to mainland simplified: true = a record with traditional
+    characters gets the Taiwan vocabulary (qwen_daemon/train/tw_vocabulary.tsv: 金鑰 -> 密钥) and
+    then OpenCC t2s (characters only); simplified records, and records that ask for answers in
+    traditional Chinese, stay as written; false = keep every record as written."""
     terms: str = "data/crypto_terms.tsv"
     """Term dictionary (TSV) for jieba segmentation, term statistics and stratified splits."""
     system_prompt: str | None = None
@@ -114,6 +115,15 @@ class DataConfig(_Section):
     def _non_empty(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("needs at least one file or directory")
+        return v
+
+    @field_validator("to_simplified", mode="before")
+    @classmethod
+    def _no_opencc_config(cls, v: Any) -> Any:
+        # Until issue 14 this took an OpenCC configuration name; tw2sp broke words (橢圓曲線上 -> 椭圆曲在线).
+        if isinstance(v, str) and v.strip().lower() in {"tw2sp", "t2s", "tw2s", "hk2s"}:
+            raise ValueError("OpenCC configuration names are no longer accepted; write true (Taiwan vocabulary, "
+                             "then OpenCC t2s characters) or false (keep traditional Chinese as written)")
         return v
 
     @field_validator("num_proc")

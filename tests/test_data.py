@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import load_config
+from shared.config import ConfigError, load_config
 from qwen_daemon.train import data as data_mod
 from qwen_daemon.train.data import labels_of, prepare_data, split_rows
 from qwen_daemon.train.model import load_tokenizer
@@ -145,7 +145,7 @@ def test_bad_input_every_problem_reported_with_file_line_reason(prepare):
     report = prepare([BAD]).report
     check_problems([vars(p) for p in report.problems])
     records = report.files[str(BAD / "records.jsonl")]
-    assert records == {"records": 14, "kept": 2, "dropped": 12}
+    assert records == {"records": 14, "kept": 2, "dropped": 12, "simplified": 1}  # :12, a traditional duplicate
     assert report.kept == 2  # records.jsonl:1 and :13; a file that is not UTF-8 is skipped whole
     assert report.ignored == [str(BAD / "notes.txt")]
 
@@ -189,6 +189,11 @@ def test_bundled_data_set_has_no_problems():
     for split in report["splits"].values():
         categories.update(split["categories"])
     assert len([c for c in categories if c != "uncategorised"]) >= 10
+    # Its traditional files are converted, except the record whose system prompt asks for 繁體中文.
+    assert report["kept_traditional"] == ["data/crypto_qa/public_key_traditional.jsonl:3"]
+    assert report["files"]["data/crypto_qa/symmetric_traditional.jsonl"]["simplified"] == 12
+    assert report["files"]["data/crypto_qa/symmetric.jsonl"]["simplified"] == 0
+    assert report["vocabulary"]["金鑰->密钥"] > 0
 
 
 def test_overlong_drop_and_truncate(prepare, tokenizer):
@@ -218,6 +223,63 @@ def test_changed_input_is_prepared_again(prepare, tmp_path):
     assert prepare([src]).report.kept == len(EXPECTED)
     (src / "seeds.jsonl").write_text("", encoding="utf-8")
     assert prepare([src]).report.kept == len(EXPECTED) - 3
+
+
+# --- traditional Chinese -------------------------------------------------------------------------
+
+def write_traditional_data(root: Path) -> tuple[Path, Path]:
+    """A JSONL file (a Taiwan record, one that asks for 繁體中文, a simplified one, one whose answer
+    has no traditional character of its own) and a Markdown file with traditional labels."""
+    records = [
+        {"instruction": "什麼是橢圓曲線上的數位簽章？", "output": "用私密金鑰簽章，再以憑證中的公開金鑰驗證。"},
+        {"system": "請用繁體中文回答。", "instruction": "什麼是亂數？", "output": "無法預測的數，例如金鑰。"},
+        {"instruction": "SM4 的分组长度是多少？", "output": "128 位。"},
+        {"instruction": "AES 的區塊長度是幾位元？", "output": "128 位元。"},
+    ]
+    jsonl = root / "tw.jsonl"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    markdown = root / "tw.md"
+    markdown.write_text("# 雜湊\n\n問：什麼是雜湊？\n答：單向函數。\n", encoding="utf-8")
+    return jsonl, markdown
+
+
+def test_traditional_records_are_converted_whole_unless_they_ask_for_traditional(prepare, tmp_path):
+    jsonl, markdown = write_traditional_data(tmp_path)
+    prepared = prepare([jsonl, markdown])
+    answers = {q: row["answer"] for q, row in by_question(prepared).items()}
+    assert answers == {
+        "什么是椭圆曲线上的数字签名？": "用私钥签名，再以证书中的公钥验证。",  # tw2sp: 椭圆曲在线, 签章, 凭证
+        "什麼是亂數？": "無法預測的數，例如金鑰。",  # asks for traditional: kept as written
+        "SM4 的分组长度是多少？": "128 位。",
+        "AES 的区块长度是几比特？": "128 比特。",  # the answer converted with its question
+        "什么是哈希？": "单向函数。",
+    }
+    kept = by_question(prepared)["什麼是亂數？"]
+    assert kept["prompt"][0] == {"role": "system", "content": "請用繁體中文回答。"}
+
+    report = prepared.report
+    assert report.files[str(jsonl)]["simplified"] == 2 and report.files[str(markdown)]["simplified"] == 1
+    assert report.kept_traditional == [f"{jsonl}:2"]
+    assert report.vocabulary == {"位元->比特": 2, "憑證->证书": 1, "數位簽章->数字签名": 1, "私密金鑰->私钥": 1,
+                                 "簽章->签名": 1, "公開金鑰->公钥": 1, "雜湊->哈希": 1}
+    text = report.format_text()
+    assert f"{jsonl}: 4 records, 4 kept, 0 dropped, 2 converted to simplified" in text
+    assert "Taiwan vocabulary replaced: 位元->比特 2, " in text
+    assert f"1 record(s) kept in traditional Chinese, as they ask for it: {jsonl}:2" in text
+
+
+def test_to_simplified_false_keeps_every_record_as_written(prepare, tmp_path):
+    jsonl, _ = write_traditional_data(tmp_path)
+    prepared = prepare([jsonl], "data.to_simplified=false")
+    assert "什麼是橢圓曲線上的數位簽章？" in by_question(prepared)
+    assert prepared.report.files[str(jsonl)]["simplified"] == 0
+    assert prepared.report.vocabulary == {} and prepared.report.kept_traditional == []
+
+
+def test_an_opencc_configuration_name_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match=r"data\.to_simplified: OpenCC configuration names are no longer "
+                                          r"accepted; write true .* or false .* \(got 'tw2sp'\)"):
+        load_config(None, ["data.to_simplified=tw2sp"])
 
 
 # --- split ------------------------------------------------------------------------------------

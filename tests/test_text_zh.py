@@ -7,15 +7,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import opencc
 import pytest
 
+from qwen_daemon.train.readers import read_file
 from qwen_daemon.train.text_zh import (
     CATEGORIES,
     DEFAULT_TERMS_PATH,
+    VOCABULARY_PATH,
     TermDictionaryError,
+    asks_for_traditional,
     dedup_key,
+    has_traditional,
     load_terms,
     normalize_text,
+    simplify_chinese,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +37,8 @@ def terms():
 # --- normalize_text ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("traditional, expected", [
-    # default tw2sp: characters and Taiwan vocabulary to mainland usage
-    ("區塊加密演算法", "区块加密算法"),
-    ("數位簽章使用雜湊函數", "数字签章使用哈希函数"),
+    ("區塊加密演算法", "分组加密算法"),
+    ("數位簽章使用雜湊函數", "数字签名使用哈希函数"),
     ("資訊安全與金鑰管理", "信息安全与密钥管理"),
     ("橢圓曲線密碼學", "椭圆曲线密码学"),
     ("這個問題很難嗎？", "这个问题很难吗？"),
@@ -45,10 +50,8 @@ def test_traditional_to_simplified(traditional, expected):
 def test_simplified_text_is_never_rewritten_as_taiwan_vocabulary():
     # tw2sp on its own would turn the mainland term 序列密码 (stream cipher) into 串行密码.
     assert normalize_text("分组密码和序列密码") == "分组密码和序列密码"
-
-
-def test_character_only_conversion_on_request():
-    assert normalize_text("資訊安全與金鑰管理", to_simplified="t2s") == "资讯安全与金钥管理"
+    # 程式 and 互斥或 are Taiwan words written alike in both scripts: a simplified text keeps them.
+    assert normalize_text("方程式和程式") == "方程式和程式"
 
 
 def test_to_simplified_false_keeps_traditional():
@@ -101,6 +104,166 @@ def test_normalize_is_idempotent():
     text = "區塊加密  演算法「ＡＥＳ」\n\n\n\n<think>x</think>"
     once = normalize_text(text)
     assert normalize_text(once) == once
+
+
+# --- traditional to simplified: Taiwan vocabulary, then characters --------------------------------
+
+# Each Taiwan word in a phrase, and the phrases around the words that must not change.
+@pytest.mark.parametrize("traditional, expected", [
+    # OpenCC tw2sp converted phrases across word boundaries: 曲線上 -> 曲在线.
+    ("橢圓曲線上的點", "椭圆曲线上的点"),
+    ("數位簽章", "数字签名"),
+    ("簽章者的私密金鑰", "签名者的私钥"),
+    ("伺服器憑證", "服务器证书"),
+    ("安全的亂數產生器", "安全的随机数生成器"),
+    ("擬亂數", "伪随机数"),
+    ("兩個值互斥或", "两个值异或"),
+    ("256 位元的金鑰", "256 比特的密钥"),
+    ("32 位元組", "32 字节"),
+    ("逐位元互斥或", "按位异或"),
+    ("應用程式", "应用程序"),
+    ("程式碼", "代码"),
+    ("區塊加密法", "分组密码"),
+    ("公開金鑰基礎建設", "公钥基础设施"),
+    ("訊息鑑別碼", "消息认证码"),
+    ("從快取得到資料", "从缓存得到数据"),
+    # guards: the Taiwan word inside an ordinary longer word
+    ("群的單位元與反元素", "群的单位元与逆元"),
+    ("橢圓曲線的方程式", "椭圆曲线的方程式"),
+    ("兩位元首會面", "两位元首会面"),
+    ("各位元旦快樂", "各位元旦快乐"),
+    ("很快取得憑證", "很快取得证书"),
+    ("這封包含附件", "这封包含附件"),
+    ("事件互斥或獨立", "事件互斥或独立"),
+    ("憑證明文件入場", "凭证明文件入场"),
+    ("會計憑證", "会计凭证"),
+    ("有限體上的運算", "有限域上的运算"),
+    ("有限體積法", "有限体积法"),
+    ("參考資料", "参考资料"),
+    ("SM3 密碼雜湊算法", "SM3 密码杂凑算法"),
+    # words that are not mapped: 數位 alone, 區塊鏈
+    ("數位時代的區塊鏈", "数位时代的区块链"),
+])
+def test_taiwan_vocabulary_word_by_word(traditional, expected):
+    assert simplify_chinese(traditional) == expected
+
+
+def test_replacements_are_counted_and_guards_are_not():
+    replaced = Counter()
+    simplify_chinese("金鑰與金鑰，方程式與程式", replaced)
+    assert replaced == {"金鑰->密钥": 2, "程式->程序": 1}
+
+
+def test_a_stray_space_inside_a_word_does_not_hide_it():
+    assert normalize_text("私密 金鑰") == "私钥"
+
+
+def vocabulary_lines():
+    """(line, taiwan, mainland) of the bundled vocabulary."""
+    rows = []
+    for n, line in enumerate(VOCABULARY_PATH.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip() and not line.startswith("#") and not line.startswith("taiwan\t"):
+            taiwan, mainland, *_ = line.split("\t")
+            rows.append((n, taiwan, mainland))
+    return rows
+
+
+def test_vocabulary_file_is_consistent():
+    rows = vocabulary_lines()
+    t2s = opencc.OpenCC("t2s")
+    words = {taiwan for _, taiwan, _ in rows}
+    assert len(words) == len(rows) >= 100
+    for n, taiwan, mainland in rows:
+        assert not has_traditional(mainland), f"line {n}: {mainland!r} is not in simplified characters"
+        if mainland == t2s.convert(taiwan):  # a guard must keep a shorter word of the file whole
+            assert any(w != taiwan and w in taiwan for w in words), f"line {n}: guard {taiwan!r} guards nothing"
+
+
+def texts_of(path):
+    convs, problems = read_file(path)
+    assert not problems
+    for c in convs:
+        yield from (t["content"] for t in c.prompt)
+        yield from (c.reasoning or "", c.answer)
+
+
+MAINLAND_FILES = sorted(p for p in (REPO / "data" / "crypto_qa").iterdir() if "traditional" not in p.name)
+TRADITIONAL_FILES = sorted((REPO / "data" / "crypto_qa").glob("*traditional*"))
+# Words of the vocabulary that mainland texts also use, with the same meaning: replacing them
+# changes a word, not what it says (杂凑 and 哈希 are both mainland for "hash").
+SYNONYMS_IN_MAINLAND_TEXT = {"雜湊->哈希", "使用者->用户", "用戶端->客户端"}
+
+
+def test_bundled_simplified_data_is_left_exactly_as_written():
+    for path in MAINLAND_FILES:
+        for text in texts_of(path):
+            assert normalize_text(text) == normalize_text(text, to_simplified=False)
+
+
+@pytest.mark.parametrize("script", ["s2t", "s2tw", "s2hk"])
+def test_no_false_hits_in_mainland_text_written_in_traditional_characters(script):
+    """The bundled mainland texts in traditional characters: only the characters may change back.
+
+    Any vocabulary word found there is a mainland phrase the vocabulary would rewrite, so a new
+    word that shows up here needs a guard (or removal), or a place in SYNONYMS_IN_MAINLAND_TEXT.
+    """
+    to_traditional = opencc.OpenCC(script)
+    replaced = Counter()
+    for path in MAINLAND_FILES:
+        for text in texts_of(path):
+            simplify_chinese(to_traditional.convert(text), replaced)
+    assert set(replaced) <= SYNONYMS_IN_MAINLAND_TEXT, replaced
+
+
+def test_bundled_traditional_data_gets_mainland_vocabulary():
+    replaced = Counter()
+    converted = "\n".join(simplify_chinese(t, replaced) for path in TRADITIONAL_FILES for t in texts_of(path))
+    for taiwan_word in ("金钥", "签章", "凭证", "乱数", "互斥或", "位元", "演算法", "杂凑", "资讯", "曲在线"):
+        assert taiwan_word not in converted
+    # What the vocabulary replaces in the bundled traditional files, for review when a word is added.
+    assert set(replaced) == {
+        "中繼資料->元数据", "串流加密法->序列密码", "亂數->随机数", "亂數產生器->随机数生成器", "互斥或->异或",
+        "伺服器->服务器", "位元->比特", "位元組->字节", "作業系統->操作系统", "使用者->用户", "側通道->侧信道",
+        "公開金鑰->公钥", "函式->函数", "區塊加密->分组加密", "區塊加密法->分组密码", "協定->协议", "字串->字符串",
+        "實作->实现", "憑證->证书", "憑證機構->证书颁发机构", "搜尋->搜索", "支援->支持", "效能->性能",
+        "數位簽章->数字签名", "晶片->芯片", "有限體->有限域", "模組->模块", "機率->概率", "欄位->字段",
+        "演算法->算法", "用戶端->客户端", "登入->登录", "硬體->硬件", "磁碟->磁盘", "私密金鑰->私钥", "程式->程序",
+        "程式碼->代码", "簽章->签名", "裝置->设备", "訊息->消息", "訊息鑑別碼->消息认证码", "記憶體->内存",
+        "資料->数据", "資訊->信息", "身分鑑別->身份鉴别", "軟體->软件", "重送攻擊->重放攻击", "金鑰->密钥",
+        "雜湊->哈希", "韌體->固件", "預設->默认",
+    }
+
+
+@pytest.mark.parametrize("text", [
+    "請用繁體中文回答。",
+    "你是一位密碼學專家，請以臺灣慣用的繁體中文精確回答。",
+    "请用繁体中文回答",
+    "回答時請使用正體中文",
+    "以繁中回覆",
+    "請把這段話翻譯成繁體字",
+    "改用台灣用語",
+    "輸出語言：繁體中文",
+    "Please answer in Traditional Chinese.",
+    "Translate into traditional chinese",
+    "locale: zh-TW",
+    "zh-Hant only",
+])
+def test_asks_for_traditional(text):
+    assert asks_for_traditional(text)
+
+
+@pytest.mark.parametrize("text", [
+    "你是一名密码学专家。",
+    "繁體字和簡體字有什麼不同？",
+    "請用簡體中文回答。",
+    "不要用繁體中文回答",
+    "请勿使用繁体中文",
+    "Do not answer in Traditional Chinese.",
+    "What is the history of traditional Chinese characters?",
+    "",
+])
+def test_does_not_ask_for_traditional(text):
+    assert not asks_for_traditional(text)
 
 
 # --- dedup_key -----------------------------------------------------------------------------------

@@ -31,11 +31,12 @@ from typing import Any
 
 from shared.config import Config
 from qwen_daemon.train.readers import Conversation, Problem, find_files, read_file
-from qwen_daemon.train.text_zh import dedup_key, load_terms, normalize_text
+from qwen_daemon.train.text_zh import (asks_for_traditional, dedup_key, has_traditional, load_terms, normalize_text,
+                                        simplify_chinese)
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 5  # bump when prepared samples change for the same inputs
+PIPELINE_VERSION = 6  # bump when prepared samples change for the same inputs
 SPLITS = ("train", "validation", "test")
 UNCATEGORISED = "uncategorised"
 
@@ -48,11 +49,15 @@ class DataReport:
     dropped: int = 0
     truncated: int = 0
     problems: list[Problem] = field(default_factory=list)
-    files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> {records, kept, dropped}
+    files: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> {records, kept, dropped, simplified}
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {records, tokens, categories, top_terms}
     without_reasoning: int = 0
     ignored: list[str] = field(default_factory=list)  # files in the given directories that are not data
     candidate_terms: list[list] = field(default_factory=list)  # [word, count]: frequent words not in the dictionary
+    # data.to_simplified: what the Taiwan vocabulary replaced ("金鑰->密钥": count, most first) and
+    # the records ("file:line") left in traditional Chinese because they ask for answers in it.
+    vocabulary: dict[str, int] = field(default_factory=dict)
+    kept_traditional: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,19 +65,27 @@ class DataReport:
             "problems": [asdict(p) for p in self.problems],
             "files": self.files, "splits": self.splits, "without_reasoning": self.without_reasoning, "ignored": self.ignored,
             "candidate_terms": self.candidate_terms,
+            "vocabulary": self.vocabulary, "kept_traditional": self.kept_traditional,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataReport:
         return cls(d["kept"], d["dropped"], d["truncated"], [Problem(**p) for p in d["problems"]],
-                   d["files"], d["splits"], d["without_reasoning"], d["ignored"], d["candidate_terms"])
+                   d["files"], d["splits"], d["without_reasoning"], d["ignored"], d["candidate_terms"],
+                   d.get("vocabulary", {}), d.get("kept_traditional", []))
 
     def format_text(self) -> str:
         """The human-readable report: per file, per problem, per split."""
         out = [f"{len(self.files)} file(s): {self.kept} kept, {self.dropped} dropped, {self.truncated} truncated"
                + (f", {self.without_reasoning} without reasoning" if self.without_reasoning else "")]
         for name, c in self.files.items():
-            out.append(f"  {name}: {c['records']} records, {c['kept']} kept, {c['dropped']} dropped")
+            simplified = f", {c['simplified']} converted to simplified" if c.get("simplified") else ""
+            out.append(f"  {name}: {c['records']} records, {c['kept']} kept, {c['dropped']} dropped{simplified}")
+        if self.vocabulary:
+            out.append("Taiwan vocabulary replaced: " + _brief(f"{t} {n}" for t, n in self.vocabulary.items()))
+        if self.kept_traditional:
+            out.append(f"{len(self.kept_traditional)} record(s) kept in traditional Chinese, as they ask for it: "
+                       + _brief(self.kept_traditional))
         if self.ignored:
             out.append(f"ignored (not data files): {', '.join(self.ignored)}")
         if self.problems:
@@ -124,11 +137,13 @@ def _prepare(cfg: Config, tokenizer, files: list[Path], ignored: list[Path], fil
         conversations.extend(convs)
         report.problems.extend(problems)
         record_problems = sum(1 for p in problems if p.line)
-        report.files[str(path)] = {"records": len(convs) + record_problems, "kept": 0, "dropped": record_problems}
+        report.files[str(path)] = {"records": len(convs) + record_problems, "kept": 0, "dropped": record_problems,
+                                   "simplified": 0}
 
     num_proc = _num_proc(d.num_proc, len(conversations))
     rows = _parallel(_normalise_chunk, conversations, num_proc, terms_path=d.terms, to_simplified=d.to_simplified,
                      system_prompt=d.system_prompt)
+    _report_conversion(rows, report)
     rows = _drop_duplicates(rows, report)
     assignment = split_rows(rows, d.split.model_dump(), d.seed)
     samples = _parallel(_tokenise_chunk, rows, num_proc, tokenizer=tokenizer, max_seq_len=d.max_seq_len,
@@ -164,27 +179,66 @@ def _normalise_chunk(conversations: list[Conversation], terms_path: str, to_simp
                      system_prompt: str | None) -> list[dict]:
     terms = load_terms(terms_path)
 
-    def norm(text: str) -> str:
-        return normalize_text(text, to_simplified=to_simplified)
+    def clean(text: str) -> str:
+        return normalize_text(text, to_simplified=False)  # converted per record, in _simplify_record
 
     rows = []
     for c in conversations:
-        prompt = [{"role": t["role"], "content": norm(t["content"])} for t in c.prompt]
+        prompt = [{"role": t["role"], "content": clean(t["content"])} for t in c.prompt]
         if system_prompt and prompt[0]["role"] != "system":
-            prompt.insert(0, {"role": "system", "content": norm(system_prompt)})
-        answer = norm(c.answer)
-        reasoning = None if c.reasoning is None else norm(c.reasoning)
+            prompt.insert(0, {"role": "system", "content": clean(system_prompt)})
+        answer = clean(c.answer)
+        reasoning = None if c.reasoning is None else clean(c.reasoning)
+        prompt, reasoning, answer, conversion = _simplify_record(prompt, reasoning, answer, to_simplified)
         question = "\n".join(t["content"] for t in prompt if t["role"] != "system")
         counts = terms.count_terms("\n".join((question, reasoning or "", answer)))
+        # A record kept in traditional Chinese is no duplicate of its simplified twin: it teaches the
+        # answer in traditional characters.
+        script = "\x00traditional" if conversion["kept_traditional"] else ""
         rows.append({
             "id": f"{c.file}:{c.line}", "file": c.file, "line": c.line,
             "prompt": prompt, "reasoning": reasoning, "answer": answer,
             "question_key": dedup_key(question),
-            "record_key": dedup_key("\x00".join((question, reasoning or "", answer))),
+            "record_key": dedup_key("\x00".join((question, reasoning or "", answer))) + script,
             "category": terms.dominant_category_of(counts) or UNCATEGORISED,
             "terms": [{"term": t, "count": n} for t, n in sorted(counts.items())],
+            "conversion": conversion,
         })
     return rows
+
+
+def _simplify_record(prompt: list[dict], reasoning: str | None, answer: str, to_simplified: bool):
+    """data.to_simplified for one record, whole: (prompt, reasoning, answer, what was done).
+
+    A record with traditional characters anywhere gets simplify_chinese on every text (so a short
+    answer such as "32 位元" is converted with its question); a record whose system prompt or
+    question asks for an answer in traditional Chinese is kept as written.
+    """
+    conversion = {"simplified": False, "kept_traditional": False, "vocabulary": {}}
+    texts = [t["content"] for t in prompt] + [reasoning or "", answer]
+    if not to_simplified or not any(has_traditional(t) for t in texts):
+        return prompt, reasoning, answer, conversion
+    if any(asks_for_traditional(t["content"]) for t in prompt if t["role"] in ("system", "user")):
+        conversion["kept_traditional"] = True
+        return prompt, reasoning, answer, conversion
+    replaced: Counter[str] = Counter()
+    prompt = [{**t, "content": simplify_chinese(t["content"], replaced)} for t in prompt]
+    reasoning = None if reasoning is None else simplify_chinese(reasoning, replaced)
+    answer = simplify_chinese(answer, replaced)
+    conversion.update(simplified=True, vocabulary=dict(replaced))
+    return prompt, reasoning, answer, conversion
+
+
+def _report_conversion(rows: list[dict], report: DataReport) -> None:
+    """What data.to_simplified did, per file and overall, into the report."""
+    vocabulary: Counter[str] = Counter()
+    for row in rows:
+        conversion = row.pop("conversion")
+        report.files[row["file"]]["simplified"] += conversion["simplified"]
+        if conversion["kept_traditional"]:
+            report.kept_traditional.append(row["id"])
+        vocabulary.update(conversion["vocabulary"])
+    report.vocabulary = dict(sorted(vocabulary.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _drop_duplicates(rows: list[dict], report: DataReport) -> list[dict]:
@@ -305,6 +359,13 @@ def labels_of(input_ids: list[int], prompt_len: int) -> list[int]:
 
 # --- helpers ------------------------------------------------------------------------------------
 
+def _brief(items, limit: int = 8) -> str:
+    """The first `limit` items, comma-separated, and how many more."""
+    items = list(items)
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def _features():
     import datasets
 
@@ -415,6 +476,10 @@ def _load(cache: Path) -> PreparedData:
 
 def _log_report(report: DataReport) -> None:
     log.info("data: %d kept, %d dropped, %d truncated", report.kept, report.dropped, report.truncated)
+    simplified = sum(c.get("simplified", 0) for c in report.files.values())
+    if simplified or report.kept_traditional:
+        log.info("data: %d record(s) converted to simplified Chinese, %d kept in traditional as they ask for it",
+                 simplified, len(report.kept_traditional))
     for p in report.problems:
         log.warning("data: %s", p)
     for name, s in report.splits.items():

@@ -1,7 +1,10 @@
 """Chinese text cleaning, near-duplicate keys and cryptography term statistics.
 
 ``normalize_text`` is the cleaning every record goes through before training (see its docstring for
-the exact steps). ``dedup_key`` turns a text into a key for near-duplicate detection.
+the exact steps). ``simplify_chinese`` turns traditional Chinese into mainland simplified Chinese
+(the Taiwan vocabulary of tw_vocabulary.tsv, then OpenCC "t2s" characters), ``has_traditional``
+tells whether a text needs it and ``asks_for_traditional`` whether a prompt asks for an answer in
+traditional Chinese. ``dedup_key`` turns a text into a key for near-duplicate detection.
 ``load_terms`` reads the term dictionary (``data/crypto_terms.tsv``) into a ``TermDictionary``.
 
 How terms are counted (``TermDictionary.count_terms``)
@@ -57,8 +60,12 @@ __all__ = [
     "TermDictionary",
     "TermDictionaryError",
     "dedup_key",
+    "VOCABULARY_PATH",
+    "asks_for_traditional",
+    "has_traditional",
     "load_terms",
     "normalize_text",
+    "simplify_chinese",
 ]
 
 # The bundled dictionary, relative to the repository root (it is not packaged in the wheel).
@@ -142,43 +149,19 @@ _FENCE_BLOCK = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,}).*?(?:^[ \t]*(?P=fence)
                           re.MULTILINE | re.DOTALL)
 
 
-# OpenCC configurations that convert to simplified Chinese. "tw2sp" also turns Taiwan vocabulary
-# into mainland vocabulary (金鑰 -> 密钥, 演算法 -> 算法, 位元 -> 比特), which is what a model that
-# answers in mainland Chinese should learn; "t2s" converts characters only (金鑰 -> 金钥).
-# to_simplified=True picks between them per text (see _to_simplified).
-SIMPLIFIED_CONFIGS = ("tw2sp", "t2s", "tw2s", "hk2s")
-
-
-@functools.cache
-def _opencc(config: str) -> Any:
-    """An OpenCC converter, built once per process and configuration (a few ms)."""
-    import opencc  # the official C++ binding; configs are named like "t2s"
-
-    return opencc.OpenCC(config)
-
-
-def _to_simplified(text: str, config: bool | str) -> str:
-    if config is not True:
-        return _opencc(config).convert(text)
-    # tw2sp also rewrites words of simplified text (序列密码 -> 串行密码), so only a text that has
-    # traditional characters gets it; simplified text is left exactly as written.
-    simplified = _opencc("t2s").convert(text)
-    return text if simplified == text else _opencc("tw2sp").convert(text)
-
-
-def normalize_text(text: str, *, to_simplified: bool | str = True) -> str:
+def normalize_text(text: str, *, to_simplified: bool = True) -> str:
     """Clean one text the way every training record is cleaned.
 
     Steps, in order: Unicode NFC; zero-width characters, BOM and soft hyphens removed; CR LF, CR
-    and Unicode line separators to LF; traditional to simplified Chinese with OpenCC: when
-    ``to_simplified`` is true, a text with traditional characters gets "tw2sp" (characters and
-    Taiwan vocabulary) and a simplified text is left alone; or the named one of SIMPLIFIED_CONFIGS; full-width ASCII letters, digits and symbols and the ideographic space to
-    half-width, except the full-width punctuation of Chinese text （），：；！？～ which stays;
-    punctuation variants to their usual Chinese form (﹐ -> ，, ｡ -> 。, 「」 -> “”, 『』 -> ‘’,
-    ⋯ -> …); whitespace: exotic spaces to a space, trailing spaces and tabs removed on each line,
-    runs of spaces/tabs after a line's indentation collapsed to one space, a space between two
-    CJK characters removed (a space between ASCII and Chinese, as in "SM4 算法", is kept), 3 or more
-    newlines to 2, and the whole text stripped.
+    and Unicode line separators to LF; full-width ASCII letters, digits and symbols and the
+    ideographic space to half-width, except the full-width punctuation of Chinese text （），：；！？～
+    which stays; punctuation variants to their usual Chinese form (﹐ -> ，, ｡ -> 。, 「」 -> “”,
+    『』 -> ‘’, ⋯ -> …); whitespace: exotic spaces to a space, trailing spaces and tabs removed on
+    each line, runs of spaces/tabs after a line's indentation collapsed to one space, a space
+    between two CJK characters removed (a space between ASCII and Chinese, as in "SM4 算法", is
+    kept), 3 or more newlines to 2, and the whole text stripped; last, when ``to_simplified`` and
+    the text has traditional characters, ``simplify_chinese`` (to mainland simplified Chinese:
+    Taiwan vocabulary, then characters); a simplified text is left as written.
 
     Left alone: ASCII punctuation, reasoning tags (<think>, </think>, <thinking>, </thinking>),
     line indentation and Markdown line starts (#, -, 1.); inside fenced code blocks only trailing
@@ -189,10 +172,11 @@ def normalize_text(text: str, *, to_simplified: bool | str = True) -> str:
         text = text.replace("\r\n", "\n")
     if _CONTROL_RE.search(text):
         text = text.translate(_CONTROL_MAP)
-    if to_simplified and not text.isascii():
-        text = _to_simplified(text, to_simplified)
     text = _WIDTH_RUN.sub(_translate_width_run, text)
-    return _clean_whitespace(text)
+    text = _clean_whitespace(text)
+    # Converted last: the clean-up only touches spaces and punctuation, and a vocabulary word
+    # broken by a stray space ("金 鑰") is whole again by now.
+    return simplify_chinese(text) if to_simplified and has_traditional(text) else text
 
 
 def _translate_width_run(match: re.Match[str]) -> str:
@@ -232,6 +216,108 @@ def _collapse_run(match: re.Match[str]) -> str:
     if start == 0 or match.string[start - 1] == "\n":
         return match.group()
     return " "
+
+
+# --- traditional to simplified ------------------------------------------------------------------
+
+# Taiwan vocabulary -> mainland vocabulary; packaged next to this module (see its header).
+VOCABULARY_PATH = Path(__file__).with_name("tw_vocabulary.tsv")
+_VOCABULARY_HEADER = ("taiwan", "mainland", "note")
+
+
+@functools.cache
+def _opencc(config: str) -> Any:
+    """An OpenCC converter, built once per process and configuration (a few ms)."""
+    import opencc  # the official C++ binding; configs are named like "t2s"
+
+    return opencc.OpenCC(config)
+
+
+@functools.cache
+def _vocabulary() -> tuple[re.Pattern[str], dict[str, tuple[str, str | None]]]:
+    """One trie-shaped regex over the Taiwan words of VOCABULARY_PATH, and word -> (mainland word,
+    its label for the data report, None for a guard line)."""
+    t2s = _opencc("t2s")
+    mapping: dict[str, tuple[str, str | None]] = {}
+    lines = VOCABULARY_PATH.read_text(encoding="utf-8").split("\n")
+    rows = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(lines, start=1)
+            if line.strip() and not line.startswith("#")]
+    if not rows or tuple(rows[0][1]) != _VOCABULARY_HEADER:
+        raise ValueError(f"{VOCABULARY_PATH}: the first line that is not a comment must be "
+                         f"{'<TAB>'.join(_VOCABULARY_HEADER)!r}")
+    for line_no, cols in rows[1:]:
+        if len(cols) not in (2, 3) or not cols[0] or not cols[1]:
+            raise ValueError(f"{VOCABULARY_PATH}:{line_no}: expected taiwan<TAB>mainland[<TAB>note], "
+                             f"found {cols!r}")
+        word, mainland = cols[0], cols[1]
+        if word in mapping:
+            raise ValueError(f"{VOCABULARY_PATH}:{line_no}: {word!r} is already mapped; keep one line")
+        mapping[word] = (mainland, None if mainland == t2s.convert(word) else f"{word}->{mainland}")
+    trie: dict[str, Any] = {}
+    for word in mapping:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = ""  # the word may end here; _trie_regex tries longer words first
+    return re.compile(_trie_regex(trie)), mapping
+
+
+def has_traditional(text: str) -> bool:
+    """Whether text has traditional Chinese characters (characters OpenCC "t2s" would change)."""
+    return not text.isascii() and _opencc("t2s").convert(text) != text
+
+
+def simplify_chinese(text: str, replaced: Counter[str] | None = None) -> str:
+    """Traditional Chinese (Taiwan usage) to mainland simplified Chinese.
+
+    First the Taiwan vocabulary of VOCABULARY_PATH (金鑰 -> 密钥, 位元 -> 比特), scanning left to
+    right, the longest word at each position, never overlapping, so a guard line keeps a longer
+    word whole (方程式 keeps its 程式); then OpenCC "t2s", which converts characters and nothing else
+    (OpenCC's tw2sp also converted phrases and broke words: 橢圓曲線上 -> 椭圆曲在线). ``replaced``,
+    when given, counts each vocabulary replacement as "金鑰->密钥" (guards are not counted).
+
+    Applied to any text: the caller decides which texts are traditional (``has_traditional``;
+    ``normalize_text`` converts only those, data preparation whole records). Words such as 程式 or
+    互斥或 are written alike in both scripts, so this would rewrite them in a mainland text too.
+    """
+    if text.isascii():
+        return text
+    pattern, mapping = _vocabulary()
+
+    def replace(match: re.Match[str]) -> str:
+        mainland, label = mapping[match.group()]
+        if replaced is not None and label is not None:
+            replaced[label] += 1
+        return mainland
+
+    return _opencc("t2s").convert(pattern.sub(replace, text))
+
+
+# An instruction to answer (or translate, or write) in traditional Chinese, in either script:
+# 請用繁體中文回答, 请用繁体中文, 以正體中文回覆, 翻譯成繁體字, 改用台灣用語, 輸出語言：繁體中文,
+# "answer in Traditional Chinese", zh-TW / zh-Hant / zh-HK. A verb (or "language:") must come
+# first, so a question about the scripts (繁體字和簡體字有什麼不同？) is not an instruction.
+_VERB = "(?:使用|採用|采用|改用|用|以|成|為|为|到)"
+_SCRIPT = "(?:(?:繁|正)[體体]|繁中)"
+_TAIWAN = "(?:(?:台|臺)[灣湾]|香港)"
+_TRADITIONAL_REQUEST = re.compile(
+    rf"{_VERB}\s*{_TAIWAN}?的?\s*{_SCRIPT}"
+    rf"|{_VERB}\s*{_TAIWAN}的?\s*(?:用[語语]|[慣惯]用[語语])"
+    rf"|{_SCRIPT}中文(?:回答|回覆|回复|作答|輸出|输出)"
+    rf"|(?:語言|语言|language)\s*[:：]\s*(?:{_SCRIPT}|traditional chinese)"
+    r"|\bzh[-_](?:tw|hk|hant)\b"
+    r"|\b(?:in|into|to|using|use)\s+traditional\s+chinese\b",
+    re.IGNORECASE,
+)
+# What just before such a phrase turns it around: 不要用繁體中文, 请勿使用繁体, "do not answer in ...".
+_NEGATION_BEFORE = re.compile(r"(?:不|勿|別|别|免|禁止|不要|不得|无需|無需)$"
+                              r"|\b(?:not|never|don't|no)\b[^.,;:!?]*$", re.IGNORECASE)
+
+
+def asks_for_traditional(text: str) -> bool:
+    """Whether text (a system prompt or a question) asks for an answer in traditional Chinese."""
+    return any(not _NEGATION_BEFORE.search(text[max(0, m.start() - 30):m.start()])
+               for m in _TRADITIONAL_REQUEST.finditer(text))
 
 
 # --- dedup_key -----------------------------------------------------------------------------------
