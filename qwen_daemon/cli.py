@@ -7,6 +7,7 @@
     qwen-daemon data check PATH... [--config FILE] [--set ...] [--json] [--strict]
     qwen-daemon eval RUN [--checkpoint N|final] [--split test] [--limit K] [--json]
     qwen-daemon report RUN [--json]
+    qwen-daemon export RUN --format merged|gguf [--checkpoint N|final] [--quant f16|q8_0|q4_k_m] [--out DIR] [--force]
 
 Also runs as `python -m qwen_daemon ...` (the GPU machine has no uv).
 """
@@ -113,7 +114,34 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run", nargs="?", help="runs/<name> or its path; default: the newest live run")
     rep.add_argument("--json", action="store_true", help="print the summary as JSON")
     rep.set_defaults(func=cmd_report)
+
+    from qwen_daemon.train.export import FORMATS, QUANTS
+
+    exp = sub.add_parser("export", help="the adapter merged into the bf16 base (safetensors), or that as GGUF "
+                                        "for llama.cpp / Ollama")
+    exp.add_argument("run", help="runs/<name> or its path")
+    exp.add_argument("--format", required=True, choices=FORMATS, help="merged: for transformers and vLLM; "
+                                                                       "gguf: one file and a Modelfile")
+    exp.add_argument("--checkpoint", default="final", help="final (default) or a checkpoint's step")
+    exp.add_argument("--quant", choices=QUANTS, help="gguf: q8_0 (default), f16, or q4_k_m (needs llama.cpp)")
+    exp.add_argument("--out", help="default: <run>/export/<checkpoint>-merged|<quant>")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out (once the new export is whole)")
+    exp.set_defaults(func=cmd_export)
     return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qwen_daemon.train.export import ExportError, export_run
+    from qwen_daemon.train.model import ModelLoadError
+
+    _setup_logging()
+    run = _find_run(args.run, live=False)
+    try:
+        path = export_run(run, args.format, args.checkpoint, args.quant, args.out, force=args.force)
+    except (ExportError, ModelLoadError) as e:
+        raise DataError(str(e)) from None
+    print(path)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
