@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_daemon.train.guard import SPIKE_FACTOR, SPIKE_MIN_RISE, SPIKE_WINDOW
 from shared import protocol, runs
 from shared.events import SMOOTHING, describe_event
 
@@ -38,7 +39,7 @@ EVENT_GROUPS = {  # how the loss chart marks events: label -> (kinds, colour, li
     "restart / resume": ({"worker_restarted", "resumed", "batch_restored"}, "#9467bd", "-"),
     "command": ({"command_applied", "command_failed"}, "#1f77b4", "--"),
     "checkpoint": ({"checkpoint", "final_saved"}, "#7f7f7f", "-"),
-    "anomaly": ({"crash", "error", "straggler"}, "#ff7f0e", "-."),
+    "anomaly": ({"crash", "error", "straggler", "anomaly", "grad_norm_spike"}, "#ff7f0e", "-."),
 }
 
 
@@ -357,9 +358,6 @@ OVERFIT_TRAIN_FALL = 0.01  # ... while the train loss fell at least this much si
 FLAT_CHANGE = 0.02        # the loss moved less than this between the first and last tenth of the run
 FLAT_MIN_STEPS = 20
 FLAT_LOW_LR = 1e-4        # a flat loss under a peak learning rate below this blames the learning rate
-SPIKE_WINDOW = 20         # a spike: more than SPIKE_FACTOR x the median of the SPIKE_WINDOW steps before
-SPIKE_FACTOR = 2.0
-SPIKE_MIN_RISE = 0.5      # and at least this much above it (0.05 -> 0.11 is no spike)
 HEADROOM_USE = 0.85       # a bigger micro-batch is advised when its upper-bound peak fits in this share
 DROPPED_SHARE = 0.10
 

@@ -127,8 +127,8 @@ class Supervisor:
         self.router.bind(self.endpoints["control"])
         self.pull = self.context.socket(zmq.PULL)
         self.pull.bind(self.endpoints["worker-telemetry"])
-        self.pair = self.context.socket(zmq.PAIR)
-        self.pair.bind(self.endpoints["worker-control"])
+        self.pair = None  # one per worker group: see spawn
+        self.to_worker: list[bytes] = []  # requests rank 0 has not taken yet
         self.pubs, self.routers = [self.pub], [self.router]
         self.tcp = self.bind_tcp()
 
@@ -233,8 +233,15 @@ class Supervisor:
     # --- the worker --------------------------------------------------------------------------------
 
     def spawn(self, resume: bool) -> None:
+        # A PAIR takes one peer at a time and only lets go of a dead one when its own thread
+        # notices: each worker group gets a socket of its own, so a restarted rank 0 always gets in.
+        if self.pair is not None:
+            self.pair.close(linger=0)
+        control = f"{self.endpoints['worker-control']}-{self.restarts}"
+        self.pair = self.context.socket(zmq.PAIR)
+        self.pair.bind(control)
         env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
-               worker.CONTROL_ENV: self.endpoints["worker-control"], "PYTHONUNBUFFERED": "1",
+               worker.CONTROL_ENV: control, "PYTHONUNBUFFERED": "1",
                launch.SUPERVISOR_ENV: str(os.getpid())}
         env[launch.BACKEND_ENV] = self.backend
         env[launch.RESTARTS_ENV] = str(self.restarts)
@@ -268,6 +275,7 @@ class Supervisor:
             self.replies.put(route[0] if route else b"", id, encoded)
             sock.send_multipart(route + [encoded])
         self.forwarded.clear()
+        self.to_worker.clear()
         if code == worker.EXIT_FINISHED:
             self.set_state("finished")
             return False
@@ -350,7 +358,18 @@ class Supervisor:
         self.forwarded[self.next_id] = (route, id, cmd, sock)
         if cmd == "stop":
             self.stopping = True
-        self.pair.send(msgpack.packb({"id": self.next_id, "cmd": cmd, "args": request.get("args") or {}}))
+        self.to_worker.append(msgpack.packb({"id": self.next_id, "cmd": cmd, "args": request.get("args") or {}}))
+        self.send_to_worker()
+
+    def send_to_worker(self) -> None:
+        """Hand the queued requests to rank 0 without ever blocking: until it has connected (a
+        worker still starting), they wait here and go at the next turn of the loop."""
+        while self.to_worker:
+            try:
+                self.pair.send(self.to_worker[0], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.to_worker.pop(0)
 
     def read_only(self, cmd: str) -> dict[str, Any]:
         if cmd == "ping":
@@ -410,10 +429,12 @@ class Supervisor:
         kind = body.get("kind") if topic == "event" else None
         if kind == "train_start" and self.state == "loading":
             self.set_state("training")
+        elif kind == "auto_paused" and self.state == "training":
+            self.set_state("paused", f"repeated anomalies at step {body.get('step')} (train.on_anomaly pause)")
         elif kind in ("evaluating", "saving") and self.state in ("training", "paused"):
             self.before_detour = self.state
             self.set_state(kind)
-        elif self.state in ("evaluating", "saving") and (topic == "metrics" or kind in ("checkpoint", "command_applied")):
+        elif self.state in ("evaluating", "saving") and (topic == "metrics" or kind in ("checkpoint", "checkpoint_skipped", "command_applied")):
             self.set_state(self.before_detour)
 
     # --- the loop --------------------------------------------------------------------------------
@@ -451,6 +472,7 @@ class Supervisor:
                     self.handle_request(sock.recv_multipart(), sock)
                 else:
                     self.handle_telemetry(self.pull.recv())
+            self.send_to_worker()
             if time.monotonic() >= next_tick:
                 next_tick += protocol.HEARTBEAT_INTERVAL
                 self.publish("gpu", {**self.sampler.sample(), "ranks": [self.ranks[r] for r in sorted(self.ranks)]})
@@ -464,7 +486,8 @@ class Supervisor:
         self.write_report()
         self.publish("heartbeat", {"state": self.state, "step": self.step, "pid": os.getpid()})
         for sock in (*self.pubs, *self.routers, self.pull, self.pair):
-            sock.close(linger=500)
+            if sock is not None:
+                sock.close(linger=500)
         if getattr(self, "auth", None):
             self.auth.stop()
         self.context.term()

@@ -36,6 +36,7 @@ SNAPSHOT_TIMEOUT_S = 5.0
 SERIES = ("loss", "lr", "grad_norm", "tokens_per_s")
 SCORES = ("rouge_l_chars", "term_recall", "rouge_l_weighted")  # eval.generate_every_steps' answer scores
 DETOURS = {"evaluating", "saving"}
+MARKED = {"anomaly", "loss_spike", "grad_norm_spike"}  # events the loss chart marks at their step
 
 
 @dataclass
@@ -107,6 +108,7 @@ class RunView:
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
     scores: dict[str, list] = field(default_factory=dict)  # score -> [(step, value)], from `eval` records
+    marks: list[int] = field(default_factory=list)  # steps of MARKED events
     logs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP_LOGS))
     logs_total: int = 0               # lines ever added: widgets append the ones they have not seen
     events: collections.deque = field(default_factory=lambda: collections.deque(maxlen=KEEP_EVENTS))
@@ -211,6 +213,7 @@ class RunView:
         del self.eval_steps[kept_evals:], self.eval_losses[kept_evals:]
         for points in self.scores.values():
             points[:] = [p for p in points if p[0] < step]
+        self.marks[:] = [s for s in self.marks if s < step]
 
     def _add_log(self, body: dict, ts: float | None) -> None:
         self.logs.append(LogLine(ts, str(body.get("level", "INFO")), str(body.get("logger", "")),
@@ -222,6 +225,8 @@ class RunView:
             return  # evaluations and saves come and go every few steps; the header shows them
         self.events.append({**body, "ts": ts if ts is not None else body.get("ts")})
         self.events_total += 1
+        if body.get("kind") in MARKED and isinstance(body.get("step"), int):
+            self.marks.append(body["step"])
         if body.get("kind") in ("oom_recovered", "batch_restored", "command_applied", "resumed", "train_start",
                                 "memory_plan"):
             # The new batch size shows before the next metrics record (not the event's step: a

@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"  # the Chinese cryptography set and its terms
+# Settings that name files: a relative path in a config file is relative to that file, one in a
+# --set override to the current directory; both are stored absolute, so the run's frozen
+# config.yaml means the same from anywhere.
+PATH_SETTINGS = (("data", "paths"), ("data", "terms"))
 
 
 class _Section(BaseModel):
@@ -89,8 +97,8 @@ class SplitConfig(_Section):
 
 
 class DataConfig(_Section):
-    paths: list[str] = Field(default_factory=lambda: ["data/crypto_qa"])
-    """Files or directories (searched recursively) of training records."""
+    paths: list[str] = Field(default_factory=lambda: [str(BUNDLED_DATA / "crypto_qa")])
+    """Files or directories (searched recursively) of training records; relative to the config file."""
     max_seq_len: int = Field(2048, ge=16)
     packing: bool = True
     """Pack samples into sequences of max_seq_len (padding-free); false = dynamic padding."""
@@ -103,8 +111,9 @@ class DataConfig(_Section):
     characters gets the Taiwan vocabulary (qwen_daemon/train/tw_vocabulary.tsv: 金鑰 -> 密钥) and
     then OpenCC t2s (characters only); simplified records, and records that ask for answers in
     traditional Chinese, stay as written; false = keep every record as written."""
-    terms: str = "data/crypto_terms.tsv"
-    """Term dictionary (TSV) for jieba segmentation, term statistics and stratified splits."""
+    terms: str = str(BUNDLED_DATA / "crypto_terms.tsv")
+    """Term dictionary (TSV) for jieba segmentation, term statistics and stratified splits; relative
+    to the config file."""
     system_prompt: str | None = None
     """System prompt for records that carry none; null = no system turn."""
     num_proc: int | Literal["auto"] = "auto"
@@ -151,6 +160,10 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping threshold."""
+    on_anomaly: Literal["pause", "skip", "stop"] = "pause"
+    """A step with a NaN or inf loss or gradient is never applied (skipped, an `anomaly` event);
+    three in a row: pause (look in the TUI, then resume or stop), skip (go on) or stop (a
+    checkpoint of the good weights, then the run ends)."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """adamw: torch's AdamW (fused on CUDA; 8 bytes of state per LoRA weight, about 0.26 GB for r=16
     on Qwen3-4B); adamw_8bit: bitsandbytes' paged 8-bit AdamW (a quarter of that state, one kernel
@@ -307,6 +320,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             origin[keys] = f"--set {item}"
         except ValueError as e:
             problems.append(f"--set {item}: {e}")
+    for keys in PATH_SETTINGS:
+        base = Path.cwd() if keys in origin or path is None else Path(path).resolve().parent
+        _resolve_path(raw, keys, base)
 
     try:
         config = Config.model_validate(raw)
@@ -317,6 +333,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if problems:
         raise ConfigError("\n".join(problems))
     return config
+
+
+def _resolve_path(raw: dict[str, Any], keys: tuple[str, ...], base: Path) -> None:
+    """Make the path (or list of paths) at `keys` absolute against `base`; anything else is left
+    for validation to describe."""
+    section = raw.get(keys[0])
+    if not isinstance(section, dict) or keys[1] not in section:
+        return
+    value = section[keys[1]]
+
+    def absolute(p: Any) -> Any:
+        return os.path.normpath(base / Path(p).expanduser()) if isinstance(p, str) and p else p
+
+    section[keys[1]] = [absolute(p) for p in value] if isinstance(value, list) else absolute(value)
 
 
 def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:

@@ -71,6 +71,22 @@ def _describe(event: dict) -> str:
                 if event.get("predicted_peak") is not None and event.get("budget") is not None else "")
         return (f"memory plan ({event.get('reason')}): micro-batch {event.get('micro_batch_size')} x accumulation "
                 f"{event.get('grad_accum')}, {recompute}{', inputs offloaded' if event.get('offload') else ''}{peak}")
+    if kind == "anomaly":
+        what = " and ".join(event.get("what") or ["loss"])
+        then = {"pause": ": paused, resume (p) or stop", "stop": ": stopping",
+                "skip": ", going on (train.on_anomaly skip)"}.get(str(event.get("action")), "")
+        return f"step {event.get('step')} not applied: {what} not finite ({event.get('in_a_row')} in a row){then}"
+    if kind == "loss_spike":
+        return f"loss spike at step {event.get('step')}: {event['loss']:.3f} (recent median {event['median']:.3f})"
+    if kind == "grad_norm_spike":
+        return (f"gradient norm spike at step {event.get('step')}: {event['grad_norm']:.3g} "
+                f"(recent median {event['median']:.3g})")
+    if kind == "checkpoint_skipped":
+        return f"checkpoint of step {event.get('step')} NOT written: {event.get('error')}"
+    if kind == "disk_low":
+        return (f"disk low: {event.get('free_gib')} GiB free, a checkpoint takes {event.get('checkpoint_mib')} MiB")
+    if kind == "auto_paused":
+        return f"paused at step {event.get('step')} after repeated anomalies: resume (p) or stop"
     if kind == "report":
         return f"report written: {event.get('path')}"
     if kind == "eval_done":

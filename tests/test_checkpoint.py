@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from qwen_daemon.train import checkpoint
 from qwen_daemon.train.checkpoint import (
     ADAPTER_WEIGHTS,
     MANIFEST_FILE,
@@ -173,6 +174,21 @@ def test_failure_midway_leaves_no_checkpoint(tmp_path, monkeypatch):
     assert list_checkpoints(tmp_path) == [good]
     assert latest_valid_checkpoint(tmp_path) == good
     assert _dot_entries(tmp_path) == []  # the failed writer cleaned up after itself
+
+
+def test_too_little_space_writes_nothing_and_deletes_nothing(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _trainer()
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 10_000)
+    with pytest.raises(checkpoint.NoSpace, match=r"MiB free, a checkpoint needs"):  # before the first: the estimate
+        save_checkpoint(tmp_path, TrainState(step=1), model, optimizer, scheduler, keep_last=1, expected_bytes=10_000)
+    monkeypatch.undo()
+    good = save_checkpoint(tmp_path, TrainState(step=1), model, optimizer, scheduler, keep_last=1)
+    size = checkpoint.checkpoint_size(good)
+    assert size > sum(f.stat().st_size for f in good.iterdir()) * 0.99
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: int(size * 1.2))  # under SPACE_MARGIN x its size
+    with pytest.raises(checkpoint.NoSpace):
+        save_checkpoint(tmp_path, TrainState(step=2), model, optimizer, scheduler, keep_last=1)
+    assert list_checkpoints(tmp_path) == [good] and _dot_entries(tmp_path) == []
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -33,7 +33,7 @@ def test_overrides_are_typed_like_yaml():
     cfg = load_config(None, ["train.learning_rate=1e-4", "data.paths=[a, b]", "train.max_steps=null",
                              "data.packing=false", "lora.target_modules=all-linear"])
     assert cfg.train.learning_rate == 1e-4
-    assert cfg.data.paths == ["a", "b"]
+    assert cfg.data.paths == [str(Path.cwd() / "a"), str(Path.cwd() / "b")]  # (relative to where it was typed)
     assert cfg.train.max_steps is None
     assert cfg.data.packing is False
     assert cfg.lora.target_modules == "all-linear"
@@ -122,3 +122,38 @@ def test_docs_list_every_key():
 def test_a_section_error_caused_by_an_override_names_the_override():
     with pytest.raises(ConfigError, match=r"^--set data.split.train=0.5: data.split: .*sum to 1"):
         load_config(None, ["data.split.train=0.5"])
+
+
+def test_data_paths_resolve_against_the_config_file_and_overrides_against_the_current_directory(tmp_path,
+                                                                                                  monkeypatch):
+    job = tmp_path / "elsewhere" / "job.yaml"
+    job.parent.mkdir()
+    job.write_text("data:\n  paths: [my_data, /abs/other, ~/home_data]\n  terms: ../terms.tsv\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(job)
+    assert cfg.data.paths == [str(job.parent / "my_data"), "/abs/other", str(Path.home() / "home_data")]
+    assert cfg.data.terms == str(tmp_path / "terms.tsv")
+    assert load_config(job, ["data.paths=[mine]"]).data.paths == [str(tmp_path / "mine")]
+    # The run's frozen copy says the same wherever it is read.
+    frozen = tmp_path / "run" / "config.yaml"
+    frozen.parent.mkdir()
+    frozen.write_text(cfg.to_yaml(), encoding="utf-8")
+    assert load_config(frozen).data == cfg.data
+    bundled = load_config(None).data
+    assert Path(bundled.paths[0]).is_dir() and Path(bundled.terms).is_file()  # the defaults: the bundled set
+
+
+def test_a_job_in_another_directory_prepares_its_data_from_anywhere(tmp_path, monkeypatch):
+    from qwen_daemon import cli
+
+    job = tmp_path / "job" / "job.yaml"
+    job.parent.mkdir()
+    (job.parent / "qa.jsonl").write_text('{"instruction": "什么是 SM4？", "output": "SM4 是分组密码。"}\n',
+                                         encoding="utf-8")
+    (tmp_path / "terms.tsv").write_text((REPO / "data" / "crypto_terms.tsv").read_text(encoding="utf-8"),
+                                        encoding="utf-8")
+    job.write_text("model:\n  name_or_path: builtin:tiny-qwen3\ndata:\n  paths: [qa.jsonl]\n  terms: ../terms.tsv\n"
+                   "  split: {train: 1.0, validation: 0.0, test: 0.0}\n", encoding="utf-8")
+    monkeypatch.chdir("/")  # as `qwen-daemon start --config /elsewhere/job.yaml` from anywhere
+    report = cli._prepare(load_config(job)).report
+    assert report.kept == 1 and not report.problems

@@ -232,3 +232,20 @@ def test_answer_scores_from_eval_records_become_series_and_rewind_with_a_restart
         view._add_metric(record)
     assert view.scores == {"rouge_l_chars": [(1, 0.1)], "term_recall": []}
     assert view.eval_losses == []
+
+
+def test_anomalies_and_spikes_are_marked_on_the_loss_curve_and_rewind():
+    from qwen_tui.widgets.chart import anomaly_marks
+
+    view = RunView()
+    for step, loss in ((1, 2.0), (2, math.nan), (3, 1.8), (4, 5.0)):
+        view.apply("metrics", {"kind": "train", "step": step, "loss": loss})
+    view.apply("event", {"kind": "anomaly", "step": 2, "what": ["loss"], "action": "skipped"})
+    view.apply("event", {"kind": "loss_spike", "step": 4, "loss": 5.0, "median": 1.9})
+    view.apply("event", {"kind": "checkpoint", "step": 4, "path": "checkpoint-4"})  # not a mark
+    marks = anomaly_marks(view)
+    assert [step for step, _ in marks] == [2, 4]
+    assert marks[0][1] == pytest.approx(2.0)  # a NaN step sits on the smoothed curve
+    assert marks[1][1] == view.train["smoothed"][3]
+    view.apply("metrics", {"kind": "train", "step": 3, "loss": 1.7})  # a restart redoes step 3 on
+    assert [step for step, _ in anomaly_marks(view)] == [2]

@@ -56,6 +56,10 @@ MANIFEST_FILE = "manifest.json"
 # subdirectories of extra adapters are listed too but not required.
 REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
 
+# A checkpoint is written only when the disk has this times its expected size free (the newest
+# checkpoint's size, or the caller's estimate before the first).
+SPACE_MARGIN = 1.5
+
 # No leading zeros: "checkpoint-007" and "checkpoint-7" would be two directories for one step.
 _CHECKPOINT_RE = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
 _LEFTOVER_RE = re.compile(r"\.(tmp|old|trash)-checkpoint-(0|[1-9][0-9]*)-([0-9]+)")
@@ -118,6 +122,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if _CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_size(path: Path) -> int:
+    """Bytes of a checkpoint's files, from its manifest (0 when it has none)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return sum(int(f["size"]) for f in manifest["files"].values()) + len(json.dumps(manifest))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+class NoSpace(OSError):
+    """Too little free space for a checkpoint: nothing was written and nothing deleted."""
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -206,7 +227,8 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, *, keep_last: int,
                     rank_rng_states: list[dict[str, Any]] | None = None,
-                    adapter_state: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> Path:
+                    adapter_state: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None,
+                    expected_bytes: int = 0) -> Path:
     """Write checkpoint-<state.step> atomically, then apply retention; returns its path.
 
     ``model`` is a peft ``PeftModel``, possibly wrapped in DDP / DataParallel / torch.compile.
@@ -217,6 +239,10 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     ``capture_rng_state()``, in rank order (under DDP each rank draws its own dropout masks).
     ``adapter_state`` / ``optimizer_state``: what to write instead of the model's LoRA weights
     and ``optimizer.state_dict()`` (under FSDP: gathered from the shards, by parameter name).
+
+    NoSpace, before anything is written, when the disk has less than SPACE_MARGIN x the newest
+    checkpoint's size free (``expected_bytes`` before the first); a disk that fills while writing
+    raises its OSError with nothing left behind. Either way no older checkpoint is deleted.
     """
     import torch
 
@@ -226,6 +252,11 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     _recover_leftovers(root)
+    existing = list_checkpoints(run_dir)
+    needed = SPACE_MARGIN * (checkpoint_size(existing[-1]) if existing else expected_bytes)
+    if (free := free_bytes(root)) < needed:
+        raise NoSpace(f"{root}: {free / 2**20:.0f} MiB free, a checkpoint needs about {needed / 2**20:.0f} MiB; "
+                      "free some space (older runs' checkpoints, caches) or lower checkpoint.keep_last")
 
     step = int(state.step)
     final = root / f"checkpoint-{step}"

@@ -35,10 +35,11 @@ from torch.distributed.tensor.experimental import implicit_replication
 from qwen_daemon.launch import BACKEND_ENV, RESTARTS_ENV
 from qwen_daemon.train import fitting, fused
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
-from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, latest_valid_checkpoint, load_checkpoint,
-                                          save_checkpoint)
+from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, checkpoint_size, free_bytes,
+                                          latest_valid_checkpoint, load_checkpoint, save_checkpoint)
 from qwen_daemon.train.controls import Command, Controls
 from qwen_daemon.train.data import prepare_data
+from qwen_daemon.train.guard import Guard
 from qwen_daemon.train.model import compute_dtype, flattened, load_model, load_tokenizer
 from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
 from shared import runs
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 STRAGGLER_RATIO, STRAGGLER_STEPS = 1.2, 5
 INJECT_HANG_ENV = "QWEN_DAEMON_INJECT_HANG"  # "3@1": rank 1 stops answering at step 3 (tests)
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
+DISK_LOW_CHECKPOINTS = 3  # warn when the disk has room for fewer checkpoints than this
+INJECT_NAN_ENV = "QWEN_DAEMON_INJECT_NAN"  # "3,5x3": the loss (and so the gradients) NaN at step 3, steps 5-7
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask",
                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # (the last four: flattened)
 
@@ -83,6 +86,9 @@ class Run:
     stopping: bool = False
     injected_oom: dict[int, int] = field(default_factory=dict)
     injected_hang: dict[int, int] = field(default_factory=dict)
+    injected_nan: set[int] = field(default_factory=set)
+    guard: Guard = field(default_factory=Guard)
+    disk_low: bool = False  # the disk_low warning was given (and the disk is still low)
     saved_step: int | None = None
     ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
     sharded: bool = False  # the model is sharded with FSDP2 (launch.strategy fsdp under torchrun)
@@ -143,7 +149,9 @@ def _train(r: Run, resume: bool) -> TrainState:
         r.scaler.unscale_(r.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable(r.model), t.max_grad_norm)
         grad_norm = (grad_norm.full_tensor() if r.sharded else grad_norm).item()
-        r.scaler.step(r.optimizer)  # skips the step if float16 gradients overflowed
+        verdict = r.guard.check(r.state.step + 1, loss, grad_norm, scaled=r.scaler.is_enabled())
+        if not verdict.skip:  # a NaN or inf never reaches the weights or the optimizer's moments
+            r.scaler.step(r.optimizer)  # skips the step if float16 gradients overflowed
         r.scaler.update()
         r.scheduler.step()
         r.optimizer.zero_grad(set_to_none=True)
@@ -160,8 +168,9 @@ def _train(r: Run, resume: bool) -> TrainState:
             "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_time": elapsed,
             "samples_seen": r.state.samples_seen, "micro_batch_size": r.state.micro_batch_size,
             "grad_accum": r.state.grad_accum, "processes": r.world_size, **gpu_memory(r.device),
-            **({"rank_compute_s": busy} if r.world_size > 1 else {}),
+            **({"rank_compute_s": busy} if r.world_size > 1 else {}), **({"skipped": True} if verdict.skip else {}),
         })
+        on_anomaly(r, verdict)
         if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
             evaluate(r)
         every = r.cfg.eval.generate_every_steps
@@ -217,10 +226,12 @@ def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_si
     sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
     r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
             world_size, rank, ddp=ddp, sharded=sharded, flat=flattened(cfg, device),
-            autocast=not cfg.model.fused_lora)
+            autocast=not cfg.model.fused_lora, guard=Guard(cfg.train.on_anomaly))
     if os.environ.get(RESTARTS_ENV, "0") == "0":  # faults are injected into the first worker group only
         r.injected_oom = parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank)
         r.injected_hang = parse_injected_oom(os.environ.get(INJECT_HANG_ENV, ""), rank)
+        r.injected_nan = {step + k for step, times in parse_injected_oom(os.environ.get(INJECT_NAN_ENV, "")).items()
+                          for k in range(times)}
     r.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(cfg, device) == torch.float16)
     r.total_steps = total_steps(r)
     r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
@@ -464,6 +475,8 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
             # gradients over ranks, so scale by world_size to get their sum.
             loss = loss * weights[i]
+            if r.state.step + 1 in r.injected_nan:
+                loss = loss * math.nan
             if not last:  # (the last backward includes waiting for the other ranks)
                 busy += time.perf_counter() - began
             r.scaler.scale(loss * r.world_size).backward()
@@ -595,6 +608,23 @@ def parse_injected_oom(spec: str, rank: int = 0) -> dict[int, int]:
     return out
 
 
+def on_anomaly(r: Run, verdict) -> None:
+    """Record what the guard found; after ANOMALY_PATIENCE non-finite steps in a row, do what
+    train.on_anomaly says (the pause waits in the next apply_commands, as a user's pause would)."""
+    for event in verdict.events:
+        r.sinks.event(**event)
+        if event["kind"] == "anomaly":
+            log.warning("step %d: %s not finite (loss %s, grad_norm %s): not applied",
+                        event["step"], " and ".join(event["what"]), event["loss"], event["grad_norm"])
+    if not verdict.act or r.cfg.train.on_anomaly == "skip":
+        return
+    if r.cfg.train.on_anomaly == "pause":
+        r.paused = True
+        r.sinks.event("auto_paused", step=r.state.step, reason="anomaly")
+    else:
+        r.stopping = True
+
+
 def maybe_inject_oom(r: Run, micro_batch: int) -> None:
     step = r.state.step + 1
     if micro_batch == 0 and r.injected_hang.get(step, 0) > 0:
@@ -678,10 +708,35 @@ def save(r: Run) -> Path | None:
     if not r.is_main:
         return None
     r.sinks.event("saving", step=r.state.step)
-    path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler, keep_last=r.cfg.checkpoint.keep_last,
-                           rank_rng_states=rng_states, adapter_state=adapter, optimizer_state=optimizer)
+    try:
+        path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler,
+                               keep_last=r.cfg.checkpoint.keep_last, rank_rng_states=rng_states,
+                               adapter_state=adapter, optimizer_state=optimizer, expected_bytes=checkpoint_estimate(r))
+    except OSError as e:  # too little space, or the disk filled while writing: training goes on
+        log.error("checkpoint of step %d not written: %s", r.state.step, e)
+        r.sinks.event("checkpoint_skipped", step=r.state.step, error=str(e))
+        return None
     r.sinks.event("checkpoint", step=r.state.step, path=str(path))
+    warn_of_disk(r, path)
     return path
+
+
+def checkpoint_estimate(r: Run) -> int:
+    """Bytes of a checkpoint before the first exists: the LoRA weights and AdamW's two moments."""
+    return sum(p.numel() * (p.element_size() + 8) for p in trainable(r.model))
+
+
+def warn_of_disk(r: Run, path: Path) -> None:
+    """A `disk_low` event when the disk has room for fewer than DISK_LOW_CHECKPOINTS more
+    checkpoints (once, until it has room again)."""
+    free, size = free_bytes(path), checkpoint_size(path)
+    low = free < DISK_LOW_CHECKPOINTS * size
+    if low and not r.disk_low:
+        log.warning("%.1f GiB free on the disk of %s: room for %d more checkpoints", free / 2**30, path.parent,
+                    free // max(size, 1))
+        r.sinks.event("disk_low", step=r.state.step, free_gib=round(free / 2**30, 2),
+                      checkpoint_mib=round(size / 2**20, 1))
+    r.disk_low = low
 
 
 def lora_state(r: Run) -> dict[str, torch.Tensor]:
@@ -729,15 +784,17 @@ def apply_commands(r: Run) -> None:
             torch.distributed.broadcast_object_list(shared, src=0)
             commands = commands or [Command(name, args) for name, args in shared[0]]
         for command in commands:
+            # The event before the reply: whoever has the reply has everything the command did
+            # (the daemon's figures too, should the worker die right after).
             try:
                 result = apply(r, command)
             except (ValueError, TrainingError) as e:
-                command.future.set_exception(e)
                 r.sinks.event("command_failed", step=r.state.step, command=command.name, error=str(e))
+                command.future.set_exception(e)
             else:
-                command.future.set_result({"step": r.state.step, **result})
                 r.sinks.event("command_applied", step=r.state.step, command=command.name, **result)
                 log.info("rank %d: %s applied at step %d", r.rank, command.name, r.state.step)
+                command.future.set_result({"step": r.state.step, **result})
         if not r.paused or r.stopping:
             return
         if r.is_main:
@@ -755,7 +812,11 @@ def apply(r: Run, command: Command) -> dict[str, Any]:
         return {"paused": False}
     if command.name == "checkpoint":
         save(r)
-        return {"path": str(r.run_dir / "checkpoints" / f"checkpoint-{r.state.step}")}
+        path = r.run_dir / "checkpoints" / f"checkpoint-{r.state.step}"
+        if r.is_main and not path.is_dir():
+            raise TrainingError(f"the checkpoint of step {r.state.step} was not written (the checkpoint_skipped event "
+                                "says why); it is tried again at the next checkpoint boundary")
+        return {"path": str(path)}
     if command.name == "stop":
         r.stopping = True
         return {"stopping": True}

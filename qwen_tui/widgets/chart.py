@@ -1,9 +1,10 @@
-"""The metric chart: training loss (raw and smoothed) with eval points, or the learning rate,
-gradient norm or tokens/s, against the step. Points are averaged into at most two per
+"""The metric chart: training loss (raw and smoothed) with eval points and marks where the run
+had an anomaly or a spike, or the learning rate, gradient norm or tokens/s, against the step. Points are averaged into at most two per
 character column first, so 100,000 steps draw as fast as 100."""
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import numpy as np
@@ -27,6 +28,17 @@ def bucket_means(xs, ys, buckets: int) -> tuple[np.ndarray, np.ndarray]:
     starts = np.linspace(0, len(xs), buckets + 1).astype(int)[:-1]
     counts = np.diff(np.append(starts, len(xs)))
     return np.add.reduceat(xs, starts) / counts, np.add.reduceat(ys, starts) / counts
+
+
+def anomaly_marks(v: RunView) -> list[tuple[int, float]]:
+    """(step, y) for each marked step: on the smoothed loss, which is finite where the loss is not."""
+    steps, smoothed = v.train["step"], v.train["smoothed"]
+    out = []
+    for step in v.marks:
+        i = min(bisect.bisect_left(steps, step), len(steps) - 1)
+        if np.isfinite(smoothed[i]):
+            out.append((step, smoothed[i]))
+    return out
 
 
 class MetricChart(PlotextPlot):
@@ -53,8 +65,8 @@ class MetricChart(PlotextPlot):
         v = self.view
         if v is None:
             return
-        key = (v.generation, len(v.train["step"]), len(v.eval_steps), sum(map(len, v.scores.values())), self.mode,
-               self.size.width)
+        key = (v.generation, len(v.train["step"]), len(v.eval_steps), sum(map(len, v.scores.values())), len(v.marks),
+               self.mode, self.size.width)
         if key == self._drawn or (not force and time.monotonic() - self._drawn_at < MIN_INTERVAL_S):
             return
         self._drawn, self._drawn_at = key, time.monotonic()
@@ -79,6 +91,8 @@ class MetricChart(PlotextPlot):
             if v.eval_steps:
                 plt.scatter(*bucket_means(v.eval_steps, v.eval_losses, buckets), marker="◆", color="cyan",
                             label="eval")
+            if marks := anomaly_marks(v):
+                plt.scatter(*zip(*marks), marker="✗", color="red", label="anomaly / spike")
         elif name == "scores":
             if not v.scores:
                 plt.title("no answer scores yet: eval.generate_every_steps scores a sample during training")
