@@ -209,9 +209,6 @@ def cmd_start(args: argparse.Namespace) -> int:
             raise DataError(f"run directory {run} already exists; choose another run.name (--set run.name=...) "
                             f"or continue it with --resume {run}")
         run.mkdir(parents=True)
-        # Paths frozen absolute: the daemon may run from anywhere, a resume from another directory.
-        cfg.data.paths = [str(Path(p).resolve()) for p in cfg.data.paths]
-        cfg.data.terms = str(Path(cfg.data.terms).resolve())
         (run / runs.CONFIG).write_text(cfg.to_yaml(), encoding="utf-8")
     if args.foreground:
         _setup_logging(log_file=run / runs.DAEMON_LOG)

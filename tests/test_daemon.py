@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import pytest
 import zmq
 
 from qwen_daemon.launch import child_env  # as the environment is now: a test's monkeypatched variables reach it
@@ -113,6 +114,7 @@ def test_pause_batch_size_resume_and_stop_over_the_wire(run_dir):
     assert list((run_dir / "checkpoints").glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 def test_garbage_on_the_control_socket_never_stops_the_run(run_dir):
     with running(run_dir) as (proc, client):
         raw = client.context.socket(zmq.DEALER)
@@ -216,6 +218,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(run_dir):
     assert (run_dir / "checkpoints" / f"checkpoint-{events[-2]['step']}").is_dir()  # saved at the stop
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 def test_a_late_joiner_reconstructs_the_whole_history(run_dir):
     """Clone pattern: subscribe, snapshot, then apply only updates newer than the snapshot."""
     proc, first = start_supervisor(run_dir)
@@ -313,6 +316,7 @@ def test_a_non_loopback_endpoint_without_keys_is_refused(run_dir):
     assert "non-loopback" in out.stderr and "keys generate" in out.stderr
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 def test_a_retried_request_is_replayed_not_executed_twice(run_dir):
     with running(run_dir) as (proc, client):
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"]["step"] >= 1)
@@ -347,6 +351,7 @@ def test_a_second_daemon_for_the_same_run_is_refused(run_dir):
     assert live_daemon(run_dir) is None
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 def test_with_no_restarts_left_a_killed_worker_fails_the_run(run_dir):
     import signal
 

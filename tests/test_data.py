@@ -160,23 +160,24 @@ def run_cli(*args, cwd=REPO):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_data_check_cli_json_and_strict():
-    """The real command in a real process: JSON report, and --strict turns problems into exit 1."""
+def test_data_check_cli_json_and_strict(capsys):
+    """The real command in a real process (JSON report), then in this one: --strict turns
+    problems into exit 1."""
+    from qwen_daemon import cli
+
     out = run_cli("data", "check", str(BAD), "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert (report["kept"], report["dropped"]) == (2, 14)
     check_problems(report["problems"])
-    strict = run_cli("data", "check", str(BAD), "--strict")
-    assert strict.returncode == 1
-    assert "records.jsonl:3: unbalanced reasoning tags" in strict.stdout
-    clean = run_cli("data", "check", str(FIXTURES / "good"), "--strict")
-    assert clean.returncode == 0, clean.stdout + clean.stderr
-    assert "no problems" in clean.stdout
-    missing = run_cli("data", "check", "no/such/dir")
-    assert missing.returncode == 1
-    assert "no/such/dir: no such file or directory" in missing.stdout
-    assert "no usable record" in missing.stderr
+    assert cli.main(["data", "check", str(BAD), "--strict"]) == 1
+    assert "records.jsonl:3: unbalanced reasoning tags" in capsys.readouterr().out
+    assert cli.main(["data", "check", str(FIXTURES / "good"), "--strict"]) == 0
+    assert "no problems" in capsys.readouterr().out
+    assert cli.main(["data", "check", "no/such/dir"]) == 1
+    missing = capsys.readouterr()
+    assert "no/such/dir: no such file or directory" in missing.out
+    assert "no usable record" in missing.err
 
 
 def test_bundled_data_set_has_no_problems():

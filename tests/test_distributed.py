@@ -39,6 +39,7 @@ def run_script(run, processes, new_micro_batch, env=None, extra=(), torchrun=Non
     return [json.loads((run / f"state-rank{r}.json").read_text()) for r in range(processes)]
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 def test_two_ranks_train_like_one_process_through_an_oom_a_pause_and_a_batch_size_change(run_dir):
     # Two ranks at micro-batch 2 x accumulation 2 (global batch 8); rank 1 runs out of memory at
     # step 2, so every rank goes to 1 x 4 and redoes the step; after step 3 a command sets the
@@ -69,6 +70,7 @@ def test_two_ranks_train_like_one_process_through_an_oom_a_pause_and_a_batch_siz
     assert steps == [1, 2, 3, 4, 5]  # written once, by rank 0
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 def test_fsdp_ranks_train_like_one_process_and_their_checkpoint_resumes_on_one(run_dir):
     # FSDP2 on two ranks at micro-batch 2 x accumulation 2 (global batch 8), set to 1 x 4 after
     # step 3; checkpoint-3 is written from the shards.
@@ -114,7 +116,9 @@ def test_the_daemon_trains_two_ranks_steers_them_and_restarts_them_after_one_is_
         client.wait_for(lambda m: m["topic"] == "metrics" and m["body"].get("step") == 2)
         paused = client.call("pause")["result"]
         changed = client.call("set_batch_size", micro_batch_size=1)["result"]
-        assert changed == {"step": paused["step"], "micro_batch_size": 1, "grad_accum": 4, "global_batch": 8}
+        assert changed == {"step": paused["step"], "micro_batch_size": 1, "grad_accum": 4, "global_batch": 8,
+                           "seq": changed["seq"]}  # (the last telemetry before the reply)
+        assert changed["seq"] > paused["seq"]
         assert client.call("status")["result"]["processes"] == 2
         client.call("resume")
         client.wait_for(lambda m: m["topic"] == "event" and m["body"].get("kind") == "checkpoint")

@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_S = 180  # the first step: a fresh process imports torch and loads the tiny model
 
 
+@pytest.mark.slow  # the default suite keeps its time on 2 cores; run with -m slow
 async def test_every_control_against_the_real_daemon(run_dir):
     with running(run_dir) as (proc, _):
         app = QwenTUI(Connection(run_dir=run_dir).start())
