@@ -139,7 +139,7 @@ def kill_once(run: Path, rng: random.Random, started: float, reference_s: float)
     moment = rng.choice(["delay", "delay", "evaluating", "saving"])
     target = rng.choice(["daemon", "worker"])
     if moment == "delay":
-        delay = rng.uniform(0.0, reference_s)
+        delay = rng.uniform(0.0, 0.7 * reference_s)  # (the last 30% is the end of the run: rarely reached)
         wait_for(lambda: time.monotonic() - started > delay or ended(run), reference_s * 2, poll=0.05)
     else:  # the first, second or third of these from now on
         seen, nth = len(read_jsonl(run / "events.jsonl")), rng.randint(1, 3)
