@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,8 +119,8 @@ def losses(run: Path) -> dict[int, list[float]]:
 
 
 def verified_resumes(run: Path) -> list[str]:
-    """Problems with the checkpoints resumes loaded: each `resumed` event names one; it was
-    verified by its loader, and the log says so (a torn one is skipped with a warning)."""
+    """Problems with the checkpoints resumes loaded: each `resumed` event names one, which must
+    still verify against its manifest (where retention has not deleted it since)."""
     from qwen_daemon.train.checkpoint import verify_checkpoint
 
     problems = []
@@ -236,7 +237,7 @@ def main() -> int:
                    "minutes": round((time.monotonic() - began) / 60, 1)}
         print(json.dumps({"summary": summary}), flush=True)
         if args.keep:
-            os.system(f"cp -r {tmp} {tmp}-kept")
+            shutil.copytree(tmp, f"{tmp}-kept")
     return 0 if summary["passed"] == summary["trials"] else 1
 
 

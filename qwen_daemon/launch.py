@@ -46,16 +46,6 @@ def die_with_parent(sig: int | None = None) -> None:
         return
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def processes(cfg: Config) -> int:
     """launch.num_processes, with auto = one per visible GPU (CUDA_VISIBLE_DEVICES respected), 1 on CPU."""
     if cfg.launch.num_processes != "auto":

@@ -100,7 +100,7 @@ def load_run(run_dir: Path) -> Run:
         unreadable.append(f"{runs.CONFIG}: unreadable ({type(e).__name__}); ignored")
     data_report = _read_json(run_dir / runs.DATA_REPORT, unreadable)
     eval_summary = _read_json(run_dir / EVAL_SUMMARY, unreadable, optional=True)
-    alive = _daemon_alive(run_dir, daemon)
+    alive = runs.live_daemon(run_dir) is not None
     state, reason = run_state(daemon, alive, events)
     if state == "failed" and reason is None:
         reason = _failed_reason_from_log(run_dir / runs.DAEMON_LOG)
@@ -199,11 +199,6 @@ def _read_json(path: Path, unreadable: list[str], optional: bool = False) -> dic
     return value
 
 
-def _daemon_alive(run_dir: Path, daemon: dict | None) -> bool:
-    # runs.live_daemon trusts the pid: in a damaged file, 0 or -1 would signal a process group
-    # (and so look alive) and 2**40 raises OverflowError.
-    pid = (daemon or {}).get("pid")
-    return isinstance(pid, int) and 0 < pid < 2**31 and runs.live_daemon(run_dir) is not None
 
 
 def _failed_reason_from_log(path: Path) -> str | None:

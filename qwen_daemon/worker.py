@@ -133,7 +133,7 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
             next_memory = time.monotonic() + 1.0
             if memory := gpu.torch_memory(torch_device_index()):
                 telemetry.send("rank", {"rank": RANK, "index": torch_device_index(), "pid": os.getpid(), **memory})
-            if supervisor and not orphaned and not launch.alive(supervisor):
+            if supervisor and not orphaned and not runs.pid_alive(supervisor):
                 # Where the parent-death signal could not be set (or the agent in between lives on):
                 # nobody steers this run any more, so end it at the next step, with a checkpoint.
                 orphaned = True

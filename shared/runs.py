@@ -65,11 +65,26 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.runs_root) / cfg.run.name
 
 
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this pid exists (owned by anyone). A value that is no pid (0 and -1
+    would signal a process group, 2**40 overflows) is not alive."""
+    if not isinstance(pid, int) or not 0 < pid < 2**31:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def live_daemon(run_dir: Path) -> dict | None:
     """daemon.json of the run if its daemon process is alive; a stale file (dead pid) is None."""
     try:
         info = json.loads((run_dir / DAEMON_JSON).read_text(encoding="utf-8"))
-        os.kill(int(info["pid"]), 0)
+        if not pid_alive(info["pid"]):
+            return None
         cmdline = Path(f"/proc/{info['pid']}/cmdline")
         if cmdline.exists() and b"qwen_daemon" not in cmdline.read_bytes():
             return None  # the pid was reused by another program

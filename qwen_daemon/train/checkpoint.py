@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shared.runs import pid_alive
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -358,7 +360,7 @@ def _recover_leftovers(root: Path) -> None:
         if not m:
             continue
         kind, step, pid = m.group(1), int(m.group(2)), int(m.group(3))
-        if pid != me and _pid_alive(pid):
+        if pid != me and pid_alive(pid):
             continue
         final = root / f"checkpoint-{step}"
         if kind == "old" and not final.exists():
@@ -369,18 +371,6 @@ def _recover_leftovers(root: Path) -> None:
         else:
             shutil.rmtree(entry, ignore_errors=True)
             log.warning("removed %s left behind by an interrupted save (pid %d)", entry, pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
 
 
 def capture_rng_state() -> dict[str, Any]:
