@@ -272,7 +272,8 @@ def drive(args) -> None:
                    "--batches", ",".join(map(str, batches)), "--steps", str(args.steps), "--warmup", str(args.warmup)]
             env = dict(os.environ)
             if engine == "unsloth" and args.unsloth_site:
-                env["PYTHONPATH"] = os.pathsep.join([args.unsloth_site, str(REPO)])
+                # Unsloth's wheels first (its datasets and trl), ours after them, then the repo
+                env["PYTHONPATH"] = os.pathsep.join(p for p in [args.unsloth_site, env.get("PYTHONPATH"), str(REPO)] if p)
             started = time.time()
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
