@@ -78,6 +78,25 @@ def test_fused_lora_computes_what_peft_computes(dropout):
     assert calls["mlp"] == (2 if dropout == 0 else 0)  # the tiny model's two layers
 
 
+def test_an_mlp_without_act_fn_falls_back_to_its_own_forward():
+    """liger's SwiGLU MLP (what the demo's GPU run gets) has no act_fn: with dropout on, the fused
+    MLP must fall back to the module's own forward, not to Qwen3MLP's."""
+    model = tiny("lora.dropout=0.1")
+    fused.unfuse(model)
+
+    class LigerLikeMLP(torch.nn.Module):  # gate/up/down and config, SiLU inside forward
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    for layer in decoder_layers(model):
+        del layer.mlp.act_fn
+        layer.mlp.__class__ = LigerLikeMLP
+    batch = packed_batch(flat=False)
+    plain = loss_and_grads(model, batch)
+    assert fused.fuse(model)["mlp"] == 2
+    assert_same(loss_and_grads(model, batch), plain)
+
+
 def test_fused_lora_on_an_unquantised_base_model():
     model = tiny("model.load_in_4bit=false", "lora.dropout=0.0")
     batch = packed_batch(flat=False)

@@ -254,7 +254,7 @@ def _linear_forward(self, x, *args, **kwargs):
 def _mlp_forward(self, x):
     parts = [lora_parts(self.gate_proj), lora_parts(self.up_proj), lora_parts(self.down_proj)]
     if any(p is None or not _no_dropout(p[4]) for p in parts):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return type(self).forward(self, x)  # the class's own (Qwen3MLP's, liger's SwiGLU without act_fn)
     args = [value for base, a, b, scale, _ in parts for value in (base, a, b, scale)]
     return LoRAMLP.apply(x, *args)
 
