@@ -5,6 +5,7 @@ import pickle
 import subprocess
 import sys
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import opencc
@@ -14,6 +15,7 @@ from qwen_daemon.train.readers import read_file
 from qwen_daemon.train.text_zh import (
     CATEGORIES,
     DEFAULT_TERMS_PATH,
+    QUESTION_WEIGHT,
     VOCABULARY_PATH,
     TermDictionaryError,
     asks_for_traditional,
@@ -317,7 +319,7 @@ def test_count_terms_exact(terms):
             "Block ciphers such as AES; 區塊加密。")
     counts = terms.count_terms(text)
     assert counts == Counter({
-        "SM2": 1, "SM3": 1, "哈希函数": 3, "TLS 1.3": 1, "TLS 1.2": 1, "TLS": 1, "CA": 2,
+        "SM2签名": 1, "SM3": 1, "哈希函数": 3, "TLS 1.3": 1, "TLS 1.2": 1, "TLS": 1, "CA": 2,
         "证书": 1, "CBC": 1, "CAST-128": 1, "3DES": 1, "DES": 1, "分组密码": 2, "AES": 1,
     })
 
@@ -346,6 +348,123 @@ def test_category_counts_and_dominant_category(terms):
     # a tie goes to the alphabetically first category
     assert terms.dominant_category("CBC 与 SHA-256") == "hash"
     assert terms.dominant_category("今天天气很好") is None
+
+
+def test_space_between_ascii_and_chinese_is_optional(terms):
+    """The bundled data writes "S 盒" and "SM2 签名"; the dictionary writes S盒 and SM2签名."""
+    assert terms.count_terms("S 盒、S盒、Feistel 结构、Shor 算法") == Counter(
+        {"S盒": 2, "Feistel结构": 1, "Shor算法": 1})
+    assert terms.count_terms("SM2 签名与 SM2 加密") == Counter({"SM2签名": 1, "SM2": 1})
+    assert terms.find_terms("用 S 盒") == [("S盒", 2, 5)]  # the span covers the space
+    assert terms.count_terms("AES 盒") == Counter({"AES": 1})  # no "S盒" inside an ASCII word
+
+
+def test_en_dash_reads_as_hyphen(terms):
+    assert terms.count_terms("Diffie–Hellman 与 Merkle–Damgård 结构") == Counter(
+        {"Diffie-Hellman": 1, "Merkle-Damgård结构": 1})
+
+
+@pytest.mark.parametrize("text, expected", [
+    # aliases that also named something else are gone
+    ("Kerberos 的 SPN", {"Kerberos": 1}),
+    ("TLS 1.3 的 key schedule（密钥调度）", {"TLS 1.3": 1}),
+    ("CMAC 的子密钥 K1、K2（subkey）", {"CMAC": 1}),
+    ("哈希签名", {}),
+    ("PKCS#7", {}),
+    # ... or are terms of their own
+    ("Keccak-256 不是 SHA3-256，SHA-3 基于 Keccak-f", {"Keccak-256": 1, "SHA3-256": 1, "SHA-3": 1, "Keccak-f": 1}),
+    ("DSS（FIPS 186-5）不只规定 DSA", {"DSS": 2, "DSA": 1}),
+    ("PKCS#7 填充与 PKCS#7 签名（CMS）", {"PKCS#7填充": 1, "密码消息语法": 2}),
+    ("SPN 结构", {"SPN结构": 1}),
+])
+def test_ambiguous_aliases_are_exact(terms, text, expected):
+    assert terms.count_terms(text) == Counter(expected)
+
+
+def test_new_terms_and_their_categories(terms):
+    category = {t.name: t.category for t in terms.terms}
+    assert category["心脏出血"] == "protocol"  # an implementation bug, not cryptanalysis
+    expected = {
+        "ECIES": "public_key", "HPKE": "public_key", "双证书": "pki", "签名证书": "pki",
+        "加密证书": "pki", "密钥管理中心": "pki", "商用密码应用安全性评估": "fundamentals",
+        "中华人民共和国密码法": "fundamentals", "智能密码钥匙": "fundamentals", "时间戳机构": "pki",
+        "可信时间戳": "pki", "交叉证书": "pki", "ACME": "pki", "CAA": "pki", "0-RTT": "protocol",
+        "会话恢复": "protocol", "Fiat-Shamir变换": "signature", "Fujisaki-Okamoto变换": "public_key",
+        "EUF-CMA": "signature", "完善保密性": "fundamentals", "小子群攻击": "cryptanalysis",
+        "非法曲线攻击": "cryptanalysis", "Pollard rho算法": "cryptanalysis", "GNFS": "cryptanalysis",
+        "LLL算法": "cryptanalysis", "BKZ算法": "cryptanalysis", "128-EEA3": "stream_cipher",
+        "128-EIA3": "mac", "可延展性": "fundamentals", "密码敏捷性": "fundamentals",
+    }
+    assert {name: category.get(name) for name in expected} == expected
+    counts = terms.count_terms("KMC、密评、《密码法》、TSA、Fiat–Shamir 变换、FO 变换、Pollard ρ、EEA3")
+    assert counts == Counter({"密钥管理中心": 1, "商用密码应用安全性评估": 1, "中华人民共和国密码法": 1,
+                              "时间戳机构": 1, "Fiat-Shamir变换": 1, "Fujisaki-Okamoto变换": 1,
+                              "Pollard rho算法": 1, "128-EEA3": 1})
+    assert terms.count_terms("密码法律法规") == Counter()  # 《密码法》 only with its brackets
+
+
+def test_generic_terms_weigh_less_in_the_category(terms):
+    weight = {t.name: t.weight for t in terms.terms}
+    assert weight["私钥"] < 1 and weight["公钥"] < 1 and weight["证书"] < 1 and weight["ECDSA"] == 1
+    text = "ECDSA 签名用私钥，验签用公钥；私钥泄露则可伪造签名。"
+    assert terms.category_counts(text) == Counter({"public_key": 3, "signature": 2})  # unweighted
+    assert terms.dominant_category(text) == "signature"
+
+
+def test_the_question_weighs_more(terms):
+    question = "计时攻击是如何泄露密钥的？"
+    answer = "RSA 的模幂运算随私钥比特变化，应当使用常数时间实现。"
+    record = question + "\n" + answer
+    assert terms.dominant_category(record) == "public_key"  # RSA + 模幂运算 + 私钥 outweigh 计时攻击
+    assert terms.dominant_category(record, question=question) == "cryptanalysis"
+    counts, question_counts = terms.count_terms(record), terms.count_terms(question)
+    assert terms.category_scores(counts, question_counts)["cryptanalysis"] == QUESTION_WEIGHT
+    assert terms.dominant_category_of(counts, question_counts) == "cryptanalysis"
+
+
+def _weighted(tmp_path, lines, name="weighted.tsv"):
+    return load_terms(_write(tmp_path, "name\tcategory\tenglish\taliases\tweight\n" + lines, name))
+
+
+def test_weights_are_exact_and_zero_never_decides(tmp_path):
+    terms = _weighted(tmp_path, "甲\tmac\talpha\t\t0.1\n乙\tmac\tbeta\t\t0.2\n"
+                                "丙\thash\tgamma\t\t0.3\n丁\tpki\tdelta\t\t0\n戊\tmode\tepsilon\t\n")
+    assert [t.weight for t in terms.terms] == [Fraction(1, 10), Fraction(1, 5), Fraction(3, 10), 0, 1]
+    # 0.1 + 0.2 ties 0.3 exactly (not 0.30000000000000004), so the tie goes to "hash"
+    assert terms.dominant_category("甲乙丙") == "hash"
+    assert terms.dominant_category("丁丁丁丁") is None  # weight 0 only: no category
+    assert terms.dominant_category("丁丁丁丁 甲") == "mac"
+    assert terms.count_terms("丁丁") == Counter({"丁": 2})  # counted all the same
+    assert terms.dominant_category("戊") == "mode"  # the weight column may be left out
+
+
+def test_bundled_dictionary_weights_are_documented_in_its_header(terms):
+    header = TERMS.read_text(encoding="utf-8").split("\nname\t")[0]
+    for term in terms.terms:
+        if term.weight != 1:
+            assert term.name in header, f"{term.name} weighs {term.weight}: say why in the header"
+
+
+def _record(path, question_start):
+    convs, _ = read_file(REPO / "data" / "crypto_qa" / path)
+    for c in convs:
+        question = "\n".join(t["content"] for t in c.prompt if t["role"] != "system")
+        if question.startswith(question_start):
+            return question, "\n".join((question, c.reasoning or "", c.answer))
+    raise AssertionError(f"{path}: no record asks {question_start!r}")
+
+
+@pytest.mark.parametrize("path, question_start, expected, before", [
+    ("symmetric.jsonl", "CMAC 的子密钥 K1、K2", "mac", "block_cipher (子密钥 = round key)"),
+    ("public_key.jsonl", "如果 ECDSA 对两条不同消息", "signature", "public_key (私钥 x5)"),
+    ("public_key.jsonl", "Heartbleed 漏洞", "protocol", "public_key"),
+    ("protocols_chat.json", "什么是 Kerberoasting", "cryptanalysis", "block_cipher (SPN = SPN结构)"),
+    ("protocols_chat.json", "IPsec 中的 AH 和 ESP", "protocol", "fundamentals (完整性 x5)"),
+])
+def test_bundled_records_that_were_miscategorised(terms, path, question_start, expected, before):
+    question, record = _record(path, question_start)
+    assert terms.dominant_category(record) == expected, before
+    assert terms.dominant_category(record, question=question) == expected, before
 
 
 # --- load_terms errors ---------------------------------------------------------------------------
@@ -399,6 +518,23 @@ def test_load_terms_duplicates(tmp_path):
     path = _write(tmp_path, HEADER + "分组密码\tblock_cipher\tblock cipher\t块密码\n"
                   "序列密码\tstream_cipher\tstream cipher\t流密码|塊密碼\n", "dup_alias.tsv")
     _assert_error(path, 3, "'塊密碼'", "'分组密码' on line 2")
+
+
+@pytest.mark.parametrize("weight", ["abc", "1.5", "-1", "0,5", ".5", "1e-2"])
+def test_load_terms_bad_weight(tmp_path, weight):
+    path = _write(tmp_path, HEADER.replace("aliases", "aliases\tweight")
+                  + f"AES\tblock_cipher\tAdvanced Encryption Standard\t\n公钥\tpublic_key\tpublic key\t\t{weight}\n")
+    _assert_error(path, 3, f"weight {weight!r} for '公钥'", "from 0 to 1", "empty for 1")
+
+
+def test_load_terms_weight_needs_its_header_column(tmp_path):
+    path = _write(tmp_path, HEADER + "公钥\tpublic_key\tpublic key\t\t0.25\n")
+    _assert_error(path, 2, "4 tab-separated columns", "found 5", "add a weight column to the header")
+    path = _write(tmp_path, HEADER.replace("aliases", "aliases\tweight")
+                  + "公钥\tpublic_key\tpublic key\t\t0.25\textra\n", "six.tsv")
+    _assert_error(path, 2, "4 or 5 tab-separated columns", "found 6")
+    path = _write(tmp_path, "name\tcategory\tenglish\taliases\tweights\n", "typo.tsv")
+    _assert_error(path, 1, "header", "weight")
 
 
 def test_load_terms_cache_and_reload(tmp_path):
