@@ -100,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--strict", action="store_true", help="exit 1 if there is any problem")
     check.set_defaults(func=cmd_data_check)
+    th = data.add_parser("think", help="write reasoning traces with the model for records with none or a poor one "
+                                       "(the ones data check warns about); your files are not touched")
+    th.add_argument("paths", nargs="+", help="files or directories (JSON, JSON Lines, Markdown)")
+    th.add_argument("--out", required=True, help="directory for the copies, review.jsonl and the progress; "
+                                                 "the same --out again continues")
+    th.add_argument("--config", help="the model, eval.* sampling and data.* settings; default: the built-in defaults")
+    th.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    th.add_argument("--all", action="store_true", help="every record, not only those with a poor trace")
+    th.add_argument("--min-agreement", type=float, default=0.3,
+                    help="least term-weighted ROUGE-L F1 between the model's answer and the record's (default 0.3)")
+    th.add_argument("--limit", type=int, help="generate for at most this many records in this call")
+    th.set_defaults(func=cmd_data_think)
 
     ev = sub.add_parser("eval", help="answer the run's held-out split with the base model and with the adapter, "
                                      "and score both")
@@ -184,6 +196,26 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print("error: no usable record in the given paths", file=sys.stderr)
         return 1
     return 1 if args.strict and report.problems else 0
+
+
+def cmd_data_think(args: argparse.Namespace) -> int:
+    from qwen_daemon.train.model import ModelLoadError
+    from qwen_daemon.train.think import ThinkError, think
+
+    _setup_logging(quiet=True)
+    cfg = load_config(args.config, args.set)
+    try:
+        summary = think(cfg, args.paths, Path(args.out), all_records=args.all, min_agreement=args.min_agreement,
+                        limit=args.limit, on_batch=lambda n, total: print(f"think: {n}/{total} records", file=sys.stderr,
+                                                                          flush=True))
+    except (ThinkError, ModelLoadError) as e:
+        raise DataError(str(e)) from None
+    print(f"{summary['records']} records, {summary['needed']} needing a trace; generated {summary['generated']} now, "
+          f"{summary['accepted']} accepted, {summary['review']} for review in {Path(args.out) / 'review.jsonl'}"
+          + (f", {summary['remaining']} still to do (run again)" if summary["remaining"] else ""))
+    for f in summary["files"]:
+        print(f"  wrote {f}")
+    return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:

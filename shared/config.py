@@ -114,6 +114,9 @@ class DataConfig(_Section):
     terms: str = str(BUNDLED_DATA / "crypto_terms.tsv")
     """Term dictionary (TSV) for jieba segmentation, term statistics and stratified splits; relative
     to the config file."""
+    min_thinking_tokens: int = Field(128, ge=0)
+    """`data check` warns about reasoning traces shorter than this (in tokens) or under half their
+    answer; `data think` writes new traces for them. 0 = only the ratio to the answer counts."""
     system_prompt: str | None = None
     """System prompt for records that carry none; null = no system turn."""
     num_proc: int | Literal["auto"] = "auto"

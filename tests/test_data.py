@@ -335,3 +335,8 @@ def test_report_shows_distribution_per_split(tokenizer, tmp_path):
     sm4 = [r for r in prepared.splits["train"] if "SM4" in r["prompt"][-1]["content"]]
     assert sm4 and all(any(t["term"] == "SM4" and t["count"] >= 1 for t in r["terms"]) for r in sm4)
     assert "validation:" in report.format_text()
+    # The bundled traces recall, derive and check: none short, none missing the answer's facts.
+    thinking = report.thinking
+    assert thinking["warned"] == 0 and not thinking["boilerplate"], thinking["warnings"][:3]
+    assert all(f["with_trace"] == f["records"] and f["facts_reached"] > 0.9 for f in thinking["files"].values())
+    assert "no short trace" in report.format_text()

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Config
+from qwen_daemon.train import traces
 from qwen_daemon.train.readers import Conversation, Problem, find_files, read_file
 from qwen_daemon.train.text_zh import (asks_for_traditional, dedup_key, has_traditional, load_terms, normalize_text,
                                         simplify_chinese)
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 6  # bump when prepared samples change for the same inputs
+PIPELINE_VERSION = 7  # bump when prepared samples change for the same inputs
 SPLITS = ("train", "validation", "test")
 UNCATEGORISED = "uncategorised"
 
@@ -58,6 +59,7 @@ class DataReport:
     # the records ("file:line") left in traditional Chinese because they ask for answers in it.
     vocabulary: dict[str, int] = field(default_factory=dict)
     kept_traditional: list[str] = field(default_factory=list)
+    thinking: dict[str, Any] = field(default_factory=dict)  # traces.quality_section of the kept records
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,14 +67,14 @@ class DataReport:
             "problems": [asdict(p) for p in self.problems],
             "files": self.files, "splits": self.splits, "without_reasoning": self.without_reasoning, "ignored": self.ignored,
             "candidate_terms": self.candidate_terms,
-            "vocabulary": self.vocabulary, "kept_traditional": self.kept_traditional,
+            "vocabulary": self.vocabulary, "kept_traditional": self.kept_traditional, "thinking": self.thinking,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataReport:
         return cls(d["kept"], d["dropped"], d["truncated"], [Problem(**p) for p in d["problems"]],
                    d["files"], d["splits"], d["without_reasoning"], d["ignored"], d["candidate_terms"],
-                   d.get("vocabulary", {}), d.get("kept_traditional", []))
+                   d.get("vocabulary", {}), d.get("kept_traditional", []), d.get("thinking", {}))
 
     def format_text(self) -> str:
         """The human-readable report: per file, per problem, per split."""
@@ -96,6 +98,7 @@ class DataReport:
         for name, s in self.splits.items():
             cats = ", ".join(f"{c} {n}" for c, n in s["categories"].items())
             out.append(f"{name}: {s['records']} records, {s['tokens']} tokens ({s['label_tokens']} trained); {cats}")
+        out.extend(traces.format_section(self.thinking))
         if self.candidate_terms:
             out.append("frequent words not in the term dictionary (candidates for data.terms): "
                        + ", ".join(f"{w} {n}" for w, n in self.candidate_terms))
@@ -165,6 +168,7 @@ def _prepare(cfg: Config, tokenizer, files: list[Path], ignored: list[Path], fil
     report.without_reasoning = sum(1 for v in by_split.values() for r in v if r["reasoning"] is None)
     report.problems.sort(key=lambda p: (p.file, p.line))
     report.splits = {name: _split_stats(rows_) for name, rows_ in by_split.items()}
+    report.thinking = traces.quality_section([r for rows_ in by_split.values() for r in rows_], d.min_thinking_tokens)
     report.candidate_terms = _candidate_terms(by_split["train"], d.terms, d.seed)
     features = _features()
     # Straight through Arrow: three times faster than Dataset.from_list on 100k samples.
@@ -191,7 +195,9 @@ def _normalise_chunk(conversations: list[Conversation], terms_path: str, to_simp
         reasoning = None if c.reasoning is None else clean(c.reasoning)
         prompt, reasoning, answer, conversion = _simplify_record(prompt, reasoning, answer, to_simplified)
         question = "\n".join(t["content"] for t in prompt if t["role"] != "system")
-        counts = terms.count_terms("\n".join((question, reasoning or "", answer)))
+        question_counts = terms.count_terms(question)
+        trace_counts, answer_counts = terms.count_terms(reasoning or ""), terms.count_terms(answer)
+        counts = question_counts + trace_counts + answer_counts
         # A record kept in traditional Chinese is no duplicate of its simplified twin: it teaches the
         # answer in traditional characters.
         script = "\x00traditional" if conversion["kept_traditional"] else ""
@@ -200,9 +206,10 @@ def _normalise_chunk(conversations: list[Conversation], terms_path: str, to_simp
             "prompt": prompt, "reasoning": reasoning, "answer": answer,
             "question_key": dedup_key(question),
             "record_key": dedup_key("\x00".join((question, reasoning or "", answer))) + script,
-            "category": terms.dominant_category_of(counts) or UNCATEGORISED,
+            "category": terms.dominant_category_of(counts, question=question_counts) or UNCATEGORISED,
             "terms": [{"term": t, "count": n} for t, n in sorted(counts.items())],
             "conversion": conversion,
+            **traces.record_figures(reasoning, answer, set(trace_counts), set(answer_counts)),
         })
     return rows
 
@@ -335,14 +342,18 @@ def _tokenise_chunk(rows: list[dict], tokenizer, max_seq_len: int, overlong: str
     rendered = [render(tokenizer, r["prompt"], r["reasoning"], r["answer"]) for r in rows]
     prompts = tokenizer([p for p, _ in rendered], add_special_tokens=False)["input_ids"]
     completions = tokenizer([c for _, c in rendered], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+    traced = [r["reasoning"] for r in rows if r["reasoning"] is not None]
+    trace_lengths = iter(len(t) for t in tokenizer(traced, add_special_tokens=False)["input_ids"]) if traced else iter(())
     out = []
-    for row, p, c in zip(rows, prompts, completions):
+    for row, p, c, a in zip(rows, prompts, completions, answers):
+        figures = {"thinking_tokens": None if row["reasoning"] is None else next(trace_lengths), "answer_tokens": len(a)}
         n = len(p) + len(c)
         too_long = f"too long: {n} tokens > data.max_seq_len {max_seq_len}"
         if n <= max_seq_len:
-            out.append(({"input_ids": p + c, "prompt_len": len(p), "num_tokens": n}, None))
+            out.append(({"input_ids": p + c, "prompt_len": len(p), "num_tokens": n, **figures}, None))
         elif overlong == "truncate" and len(p) < max_seq_len:
-            out.append(({"input_ids": (p + c)[:max_seq_len], "prompt_len": len(p), "num_tokens": max_seq_len},
+            out.append(({"input_ids": (p + c)[:max_seq_len], "prompt_len": len(p), "num_tokens": max_seq_len, **figures},
                         Problem(row["file"], row["line"], f"{too_long}; the answer was cut "
                                 "(raise data.max_seq_len to keep it whole)", action="truncated")))
         else:
@@ -437,7 +448,7 @@ def _call(fn, chunk, kwargs):
 def _cache_key(cfg: Config, tokenizer, files: list[Path]) -> str:
     h = hashlib.sha256()
     d = cfg.data
-    settings = {"v": PIPELINE_VERSION, "max_seq_len": d.max_seq_len, "overlong": d.overlong, "split": d.split.model_dump(),
+    settings = {"v": PIPELINE_VERSION, "max_seq_len": d.max_seq_len, "min_thinking_tokens": d.min_thinking_tokens, "overlong": d.overlong, "split": d.split.model_dump(),
                 "seed": d.seed, "to_simplified": d.to_simplified, "system_prompt": d.system_prompt,
                 "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, tokenizer.eos_token]}
     h.update(json.dumps(settings, sort_keys=True).encode())

@@ -48,8 +48,9 @@ def adapter_dir(run_dir: Path, checkpoint: str | int = "final") -> Path:
     return path
 
 
-def load_adapted(cfg: Config, adapter: Path, device):
-    """The base model as training loaded it (quantised the same way) with the adapter, for inference."""
+def load_adapted(cfg: Config, adapter: Path | None, device):
+    """The base model as training loaded it (quantised the same way) with the adapter (None: the
+    base model alone), for inference."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -65,7 +66,7 @@ def load_adapted(cfg: Config, adapter: Path, device):
         kwargs["device_map"] = {"": device.index or 0}
     base = _from_pretrained(AutoModelForCausalLM.from_pretrained, resolve_model_path(cfg.model.name_or_path),
                             "model", **kwargs)
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    model = (PeftModel.from_pretrained(base, str(adapter)) if adapter else base).eval()
     torch.manual_seed(cfg.eval.seed)
     return model
 
