@@ -112,7 +112,9 @@ def test_data_think_refuses_to_write_over_the_inputs_or_an_unsupported_format(tm
     write_inputs(tmp_path)
     cfg = load_config(None, [])
     with pytest.raises(ThinkError, match="would overwrite the input file"):
-        think(cfg, [str(tmp_path / "in")], tmp_path / "in", generate=StandIn(), tokenizer=tokenizer)
+        think(cfg, [str(tmp_path / "in" / "a.jsonl")], tmp_path / "in", generate=StandIn(), tokenizer=tokenizer)
+    with pytest.raises(ThinkError, match="is inside the input directory"):
+        think(cfg, [str(tmp_path / "in")], tmp_path / "in" / "thought", generate=StandIn(), tokenizer=tokenizer)
     (tmp_path / "in" / "d.csv").write_text("question,answer\nq,a\n", encoding="utf-8")
     with pytest.raises(ThinkError, match="d.csv: data think writes JSON, JSON Lines and Markdown"):
         think(cfg, [str(tmp_path / "in")], tmp_path / "out", generate=StandIn(), tokenizer=tokenizer)

@@ -140,6 +140,10 @@ def _model_generate(cfg: Config, tokenizer) -> Callable[[list[list[dict]]], list
 def _targets(files: list[Path], paths: list[str], out: Path) -> dict[Path, Path]:
     """Each input file's copy under `out`, at its path relative to the directory given for it."""
     roots = [Path(p).resolve() for p in paths]
+    inside = next((r for r in roots if r.is_dir() and out.resolve().is_relative_to(r)), None)
+    if inside:
+        raise ThinkError(f"--out {out} is inside the input directory {inside}: its copies would be read as data "
+                         "next time; choose a directory outside it")
     targets = {}
     for f in files:
         if f.suffix.lower() not in JSON_SUFFIXES | MARKDOWN_SUFFIXES:
@@ -231,7 +235,7 @@ def _json_with(text: str, traces_by_line: dict[int, str]) -> tuple[str, list[int
         return text, []
     tag = _tag_of(text)
     stripped = text.lstrip()
-    rows = [(line, obj) for line, obj in _json_rows(text) if isinstance(obj, dict)]
+    rows = list(_json_rows(text))  # values of every kind; a broken JSON Lines line stays as written
     if stripped.startswith("[") or (stripped.startswith("{") and len(rows) == 1 and _is_one_object(text)):
         for line, obj in rows:
             if line in traces_by_line:
@@ -240,7 +244,7 @@ def _json_with(text: str, traces_by_line: dict[int, str]) -> tuple[str, list[int
         return json.dumps(values if stripped.startswith("[") else values[0], ensure_ascii=False, indent=2) + "\n", []
     lines = text.splitlines(keepends=True)
     for line, obj in rows:
-        if line in traces_by_line:
+        if line in traces_by_line and isinstance(obj, dict):
             _set_trace(obj, traces_by_line[line], tag)
             end = "\n" if lines[line - 1].endswith("\n") else ""
             lines[line - 1] = json.dumps(obj, ensure_ascii=False) + end
