@@ -179,6 +179,8 @@ def test_a_worker_that_cannot_train_fails_the_run_and_pending_commands_get_an_an
     assert "/no/such/terms.tsv: term dictionary not found" in (run_dir / "daemon.log").read_text()
 
 
+@pytest.mark.slow  # 80 s; the default suite kills a rank of the 2-rank daemon test and restarts it from its
+# checkpoint (test_distributed), and test_memory keeps a changed batch across a resume
 def test_a_killed_worker_is_restarted_from_its_checkpoint(run_dir):
     import signal
 
