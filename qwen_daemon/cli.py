@@ -310,7 +310,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for run in sorted(root.glob("*/" + runs.CONFIG)):
         run = run.parent
-        info = _read_json(run / "daemon.json")
+        info = _read_json(run / runs.DAEMON_JSON)
         live = runs.live_daemon(run)
         step = _last_step(run)
         rows.append((run.name, (info or {}).get("state", "-") if live or info else "-", step,
@@ -346,7 +346,7 @@ def _call(run: Path, cmd: str, args: dict, timeout: float) -> dict:
 
     from shared import protocol
 
-    info = _read_json(run / "daemon.json")
+    info = _read_json(run / runs.DAEMON_JSON)
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     try:
@@ -385,7 +385,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _last_step(run: Path) -> int:
     try:
-        with open(run / "metrics.jsonl", "rb") as f:
+        with open(run / runs.METRICS, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 4096))
             lines = f.read().decode("utf-8", errors="replace").splitlines()
         return max((json.loads(line).get("step", 0) for line in lines[1:] or lines if line.startswith("{")), default=0)

@@ -16,6 +16,7 @@ DAEMON_LOG = "daemon.log"
 DATA_REPORT = "data_report.json"
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
+INFERENCE = "inference.jsonl"  # the end-of-run inference check
 # The batch size restarted workers must use when it differs from their checkpoint's (an OOM, or a
 # command since the checkpoint); written atomically, read and removed by the workers.
 RESTART_BATCH = "restart_batch.json"

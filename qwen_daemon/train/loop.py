@@ -861,7 +861,7 @@ def finish(r: Run) -> None:
         torch.cuda.empty_cache()
     if r.cfg.train.inference_check_tokens:
         answers = inference_check(r.cfg, final, questions, r.device, r.cfg.train.inference_check_tokens)
-        with open(r.run_dir / "inference.jsonl", "w", encoding="utf-8") as f:
+        with open(r.run_dir / runs.INFERENCE, "w", encoding="utf-8") as f:
             for a in answers:
                 f.write(json.dumps(a, ensure_ascii=False) + "\n")
         r.sinks.event("inference_check", step=r.state.step, answers=answers)

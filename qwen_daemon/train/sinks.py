@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared import runs
+
 log = logging.getLogger(__name__)
 
 
@@ -27,8 +29,8 @@ class JsonlSink:
     """metrics.jsonl and events.jsonl, one JSON object per line, flushed per line."""
 
     def __init__(self, run_dir: Path) -> None:
-        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._events = open(run_dir / "events.jsonl", "a", encoding="utf-8")
+        self._metrics = open(run_dir / runs.METRICS, "a", encoding="utf-8")
+        self._events = open(run_dir / runs.EVENTS, "a", encoding="utf-8")
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._write(self._metrics, record)
