@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from shared import runs
 from shared.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,9 @@ def evaluate_run(run_dir: Path, checkpoint: str | int = "final", split: str | No
                "seconds": round(time.time() - started, 1), "file": f"{EVAL_DIR}/{name}.jsonl"}
     out = run_dir / EVAL_DIR
     out.mkdir(exist_ok=True)
-    _write_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_atomic(out / f"{name}.summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
-    _write_atomic(out / SUMMARY, json.dumps(summary, ensure_ascii=False, indent=1))
+    runs.write_text_atomic(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    runs.write_text_atomic(out / f"{name}.summary.json", json.dumps(summary, ensure_ascii=False, indent=1))
+    runs.write_text_atomic(out / SUMMARY, json.dumps(summary, ensure_ascii=False, indent=1))
     return summary
 
 
@@ -226,7 +226,3 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from qwen_daemon.train import metrics, traces
-from qwen_daemon.train.readers import (JSON_SUFFIXES, MARKDOWN_SUFFIXES, REASONING_KEYS, TAG_RE, Conversation,
-                                       find_files, read_file, split_reasoning)
+from qwen_daemon.train.readers import (ANSWER_KEYS, JSON_SUFFIXES, MARKDOWN_SUFFIXES, REASONING_KEYS, TAG_RE,
+                                       Conversation, find_files, read_file, split_reasoning)
+from shared import runs
 from shared.config import Config
 
 log = logging.getLogger(__name__)
 
 PROGRESS = "think-progress.jsonl"
 REVIEW = "review.jsonl"
-ANSWER_KEYS = ("output", "answer", "response", "completion")
 
 
 class ThinkError(ValueError):
@@ -80,7 +80,7 @@ def think(cfg: Config, paths: list[str], out: Path, *, generate: Callable[[list[
              [{**accepted[i], "accepted": False, "why": ["the trace could not be placed in the file: "
                                                          "the answer is not there as the reader saw it"]}
               for i in unplaced]
-    _write_atomic(out / REVIEW, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in review))
+    runs.write_text_atomic(out / REVIEW, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in review))
     return {"records": len(records), "needed": len(needed), "generated": len(todo), "accepted": len(accepted) - len(unplaced),
             "review": len(review), "remaining": len([c for c in needed if _id(c) not in done]),
             "problems": [str(p) for p in problems], "files": [str(t) for t in targets.values()]}
@@ -177,11 +177,6 @@ def _append(path: Path, entries: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _write_outputs(files: list[Path], targets: dict[Path, Path], accepted: dict[str, dict]) -> list[str]:
@@ -196,7 +191,8 @@ def _write_outputs(files: list[Path], targets: dict[Path, Path], accepted: dict[
         else:
             text, missed = _json_with(text, mine)
         unplaced += [f"{f}:{line}" for line in missed]
-        _write_atomic(targets[f], text)
+        targets[f].parent.mkdir(parents=True, exist_ok=True)
+        runs.write_text_atomic(targets[f], text)
     return unplaced
 
 

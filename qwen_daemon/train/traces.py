@@ -35,30 +35,28 @@ def numbers_of(text: str) -> set[str]:
     return {n for n in _NUMBER.findall(text) if len(n) >= 2}
 
 
-def key_facts(answer_terms: set[str], answer: str) -> set[str]:
-    return answer_terms | numbers_of(answer)
-
-
 def record_figures(reasoning: str | None, answer: str, trace_terms: set[str], answer_terms: set[str]) -> dict[str, Any]:
     """Key facts of one record: which of the answer's facts the trace reaches (tokens come later)."""
-    facts = key_facts(answer_terms, answer)
+    facts = answer_terms | numbers_of(answer)
     reached = trace_terms | numbers_of(reasoning or "")
     return {"facts": len(facts), "missing": sorted(facts - reached)}
 
 
-def warnings_of(r: dict[str, Any], min_tokens: int) -> list[str]:
-    """Why a record's trace is worth rewriting ([] = fine); `r` has the record's figures."""
+def warnings_of(r: dict[str, Any], min_tokens: int) -> dict[str, str]:
+    """Why a record's trace is worth rewriting, by kind ("short", "facts"; {} = fine); `r` has
+    the record's figures."""
     if r["thinking_tokens"] is None:
-        return []  # no trace at all: counted as such, not a short one
-    why = []
+        return {}  # no trace at all: counted as such, not a short one
+    short = []
     if r["thinking_tokens"] < min_tokens:
-        why.append(f"trace of {r['thinking_tokens']} tokens < data.min_thinking_tokens {min_tokens}")
+        short.append(f"trace of {r['thinking_tokens']} tokens < data.min_thinking_tokens {min_tokens}")
     if r["thinking_tokens"] < SHORT_RATIO * r["answer_tokens"]:
-        why.append(f"trace of {r['thinking_tokens']} tokens, under half the answer's {r['answer_tokens']}")
+        short.append(f"trace of {r['thinking_tokens']} tokens, under half the answer's {r['answer_tokens']}")
+    why = {"short": "; ".join(short)} if short else {}
     reached = r["facts"] - len(r["missing"])
     if r["facts"] >= MIN_FACTS and reached < MIN_FACT_SHARE * r["facts"]:
-        why.append(f"trace reaches {reached} of the answer's {r['facts']} key facts "
-                   f"(missing: {', '.join(r['missing'][:6])}{', ...' if len(r['missing']) > 6 else ''})")
+        why["facts"] = (f"trace reaches {reached} of the answer's {r['facts']} key facts "
+                        f"(missing: {', '.join(r['missing'][:6])}{', ...' if len(r['missing']) > 6 else ''})")
     return why
 
 
@@ -77,9 +75,10 @@ def quality_section(rows: list[dict[str, Any]], min_tokens: int) -> dict[str, An
         traced = [r for r in recs if r["thinking_tokens"] is not None]
         stats = {"records": len(recs), "with_trace": len(traced), "short": 0, "facts_missing": 0, "copies": 0}
         for r in traced:
-            why = warnings_of(r, min_tokens)
-            stats["short"] += any("tokens" in w for w in why)
-            stats["facts_missing"] += any("key facts" in w for w in why)
+            kinds = warnings_of(r, min_tokens)
+            stats["short"] += "short" in kinds
+            stats["facts_missing"] += "facts" in kinds
+            why = list(kinds.values())
             key = dedup_key(r["reasoning"])
             if key in first_of:
                 why.append(f"same trace as {first_of[key]}")
