@@ -21,10 +21,11 @@ MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors stay where they are
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The model's decoder layers (the classes it names in `_no_split_modules`), in order."""
+    """The model's decoder layers (the classes it names in `_no_split_modules`), in order; also
+    once FSDP has sharded them (it gives each a subclass, FSDPQwen3DecoderLayer)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     classes = set(getattr(base, "_no_split_modules", None) or ())
-    return [m for m in base.modules() if type(m).__name__ in classes]
+    return [m for m in base.modules() if any(c.__name__ in classes for c in type(m).__mro__)]
 
 
 def set_checkpointing(model, checkpointed: int | None = None, offload: bool = False) -> None:
