@@ -32,7 +32,7 @@ GIB = 2**30
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
-    p.add_argument("--only", default="check,timing,memory,long")
+    p.add_argument("--only", default="check,timing,memory,long", help="also: attn, host")
     p.add_argument("--model", default="builtin:random-qwen3-4b")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of the timing parts (no memory figures)")
     args = p.parse_args()
@@ -65,6 +65,8 @@ class Lab:
         self.model = load_model(self.cfg, self.device)
         self.optimizer = loop.make_optimizer(self.model, self.cfg)
         self.autocast = False
+        self.liger_norms = {m: m.__dict__.get("forward") for m in self.model.modules()
+                            if type(m).__name__.endswith("RMSNorm")}
         self.emit({"kind": "setup", "load_s": round(time.time() - started, 1), "torch": torch.__version__,
                    **({"gpu": torch.cuda.get_device_name(0), "allocated_gib": torch.cuda.memory_allocated() / GIB}
                       if self.cuda else {}), **versions()})
@@ -93,9 +95,18 @@ class Lab:
 
     def configure(self, *, fused_on: bool = True, dropout: float = 0.0, checkpointed: int | None = None,
                   offload: bool = False, attn: str = "sdpa", autocast: bool | None = None,
-                  optimizer: str = "adamw") -> None:
+                  optimizer: str = "adamw", rms_norm: str = "liger") -> None:
         from qwen_daemon.train import attention, fused
         from qwen_daemon.train.checkpointing import set_checkpointing
+        from qwen_daemon.train.model import torch_rms_norm
+
+        if rms_norm == "torch":
+            torch_rms_norm(self.model)
+        else:
+            for module, forward in self.liger_norms.items():
+                module.__dict__.pop("forward", None)
+                if forward is not None:
+                    module.forward = forward
 
         fused.unfuse(self.model)
         if fused_on:
@@ -244,6 +255,30 @@ class Lab:
         t("fused-offload", offload=True)
         t("fused-mb16-offload", mbs=16, steps=2, offload=True)
         t("packed-varlen", packed=True, attn="sdpa_varlen")
+
+    def attn(self) -> None:
+        """SDPA per row against sdpa_varlen on one flattened row (what attn_implementation: auto
+        picks on a GPU), one sample per row, every layer recomputed, inputs kept or offloaded;
+        two interleaved rounds, then a profile of each at micro-batch 4, offloaded."""
+        for round_ in range(2):
+            for mbs in (4, 16):
+                for offload in (False, True):
+                    for attn in ("sdpa", "sdpa_varlen"):
+                        self.timed(f"attn-{attn}-mb{mbs}{'-offload' * offload}-r{round_}", mbs=mbs,
+                                   steps=3 if mbs == 4 else 2, offload=offload, attn=attn)
+        for attn in ("sdpa", "sdpa_varlen"):
+            self.timed(f"profile-{attn}-offload", offload=True, attn=attn, profile=True)
+
+    def host(self) -> None:
+        """The host's share of the step: liger's RMSNorm (a Triton launch from Python) against
+        torch's fused F.rms_norm, inputs offloaded, the 4B job's attention; two interleaved rounds,
+        then a profile."""
+        for round_ in range(2):
+            for mbs in (4, 16):
+                for norm in ("liger", "torch"):
+                    self.timed(f"norm-{norm}-mb{mbs}-r{round_}", mbs=mbs, steps=3 if mbs == 4 else 2,
+                               offload=True, attn="sdpa_varlen", rms_norm=norm)
+        self.timed("profile-torch-norm-offload", offload=True, attn="sdpa_varlen", rms_norm="torch", profile=True)
 
     def memory(self) -> None:
         """The probe's model against measured peaks of real forward + backward passes."""

@@ -128,6 +128,24 @@ def test_varlen_attention_computes_what_the_packed_mask_computes():
         config._attn_implementation = "sdpa"
 
 
+def test_varlen_attention_on_equal_lengths_is_plain_causal_rows(monkeypatch):
+    """One length for every sample of a flattened micro-batch (one long sample, fixed-length
+    rows): SDPA over causal rows, no varlen kernel, the same loss and gradients."""
+    model = tiny("lora.dropout=0.0")
+    lengths = ((24,), (24,), (24,))
+    rows = loss_and_grads(model, packed_batch(flat=False, lengths=lengths))
+    attention.register()
+    config = model.get_base_model().config
+    config._attn_implementation = attention.NAME
+    monkeypatch.setattr(attention, "_per_sample", lambda *a: pytest.fail("took the varlen path"))
+    try:
+        assert_same(loss_and_grads(model, packed_batch(flat=True, lengths=lengths)), rows)
+        assert_same(loss_and_grads(model, packed_batch(flat=True, lengths=((40,),))),
+                    loss_and_grads(model, packed_batch(flat=False, lengths=((40,),))))
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 def test_the_varlen_kernel_gets_causal_attention_whatever_its_signature():
     q, k = torch.randn(6, 4, 8), torch.randn(6, 2, 8)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
@@ -163,3 +181,39 @@ def test_recomputing_some_layers_changes_nothing_but_memory():
         assert_same(loss_and_grads(model, batch), whole)
     set_checkpointing(model, 0)
     assert not any("forward" in layer.__dict__ for layer in layers)
+
+
+def test_decoder_layers_are_found_once_fsdp_has_sharded_them():
+    """FSDP2's fully_shard gives every layer it shards a subclass (FSDPQwen3DecoderLayer): the
+    memory probe and the checkpointing plan still find them (on the GPU they found none)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = tiny()
+    layers = decoder_layers(model)
+    for layer in layers:  # what fully_shard does to the class
+        layer.__class__ = type(f"FSDP{type(layer).__name__}", (FSDPModule, type(layer)), {})
+    assert len(layers) == 2 and decoder_layers(model) == layers
+
+
+def test_torch_rms_norm_computes_what_qwen3s_norm_computes():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from qwen_daemon.train.model import torch_rms_norm
+
+    norms = torch.nn.Sequential(Qwen3RMSNorm(64, eps=1e-6), Qwen3RMSNorm(64, eps=1e-6))
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def run():
+        norms.zero_grad(set_to_none=True)
+        x.grad = None
+        out = norms(x)
+        (out * torch.arange(64)).sum().backward()
+        return out.detach(), x.grad.clone(), norms[0].weight.grad.clone()
+
+    reference = run()
+    assert torch_rms_norm(norms) == 2
+    for got, want in zip(run(), reference):
+        torch.testing.assert_close(got, want)
