@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from shared import runs
 
@@ -41,14 +40,15 @@ def _app(args: argparse.Namespace):
         keys = CurveKeys.load(args.keys) if args.keys else None
         return QwenTUI(Connection(endpoints=Endpoints.from_tcp(args.endpoint), keys=keys).start())
     if args.run:
-        for candidate in (Path(args.run), Path(args.runs_root) / args.run):
-            if (candidate / runs.CONFIG).exists():
-                return QwenTUI(Connection(run_dir=candidate).start())
-        raise ValueError(f"no run {args.run!r}: give runs/<name>, its path or its name (qwen-daemon list shows them)")
+        run = runs.find_run(args.run, args.runs_root)
+        if run is None:
+            raise ValueError(f"no run {args.run!r}: give runs/<name>, its path or its name "
+                             "(qwen-daemon list shows them)")
+        return QwenTUI(Connection(run_dir=run).start())
     live = runs.live_runs(args.runs_root)
     if not live:
-        finished = sorted(Path(args.runs_root).glob(f"*/{runs.CONFIG}"))
-        hint = (f"; to look at a finished run: qwen-tui attach {finished[-1].parent.name}" if finished else
+        finished = runs.list_runs(args.runs_root)
+        hint = (f"; to look at a finished run: qwen-tui attach {finished[-1].name}" if finished else
                 "; start one with: qwen-daemon start --config configs/demo.yaml")
         raise ValueError(f"no live run in {args.runs_root}{hint} (qwen-daemon list shows every run)")
     if len(live) == 1:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from shared.config import Config
@@ -18,7 +21,8 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 INFERENCE = "inference.jsonl"  # the end-of-run inference check
 # The batch size restarted workers must use when it differs from their checkpoint's (an OOM, or a
-# command since the checkpoint); written atomically, read and removed by the workers.
+# command since the checkpoint): only workers write it (whenever the batch changes), atomically;
+# the next workers read and remove it.
 RESTART_BATCH = "restart_batch.json"
 LOCK = "daemon.lock"  # held (flock) by the run's daemon and inherited by its trainers
 
@@ -49,9 +53,7 @@ def lock_run(run: Path) -> int:
 
 def write_restart_batch(run: Path, micro_batch_size: int, grad_accum: int, processes: int, reason: str) -> None:
     batch = {"micro_batch_size": micro_batch_size, "grad_accum": grad_accum, "processes": processes, "reason": reason}
-    tmp = run / f".{RESTART_BATCH}.tmp"
-    tmp.write_text(json.dumps(batch), encoding="utf-8")
-    os.replace(tmp, run / RESTART_BATCH)
+    write_text_atomic(run / RESTART_BATCH, json.dumps(batch))
 
 
 def default_run_name(config_path: str | Path | None) -> str:
@@ -100,21 +102,73 @@ def live_runs(runs_root: str | Path = "runs") -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda item: item[1].get("started_at", 0), reverse=True)
 
 
+def list_runs(runs_root: str | Path = "runs") -> list[Path]:
+    """Every run directory under runs_root (one with a config.yaml), by name."""
+    return sorted(config.parent for config in Path(runs_root).glob(f"*/{CONFIG}"))
+
+
+def find_run(name: str | None, runs_root: str | Path = "runs") -> Path | None:
+    """The run `name` (its path, or its name under runs_root); with no name, the newest run whose
+    daemon is alive. None when there is no such run."""
+    if name is None:
+        live = live_runs(runs_root)
+        return live[0][0] if live else None
+    return next((run for run in (Path(name), Path(runs_root) / name) if (run / CONFIG).exists()), None)
+
+
+# --- a run's files, read without its daemon ---------------------------------------------------------
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object file (daemon.json, data_report.json); None when it is missing, damaged or no object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file; a line cut short by a crash is skipped."""
-    records = []
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
+            return _records(f)
     except OSError:
-        pass
+        return []
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = 2_000_000) -> list[str]:
+    """The last `count` lines of a text file, read from at most its last max_bytes (the line that
+    cuts in half is left out); [] when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - max_bytes)
+            f.seek(start)
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return lines[1 if start else 0:][-count:]
+
+
+def last_step(run: Path) -> int:
+    """The highest step among the run's newest metrics records; 0 before the first."""
+    records = _records(tail_lines(run / METRICS, 100, max_bytes=8192))
+    return max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
+
+
+def _records(lines: Iterable[str]) -> list[dict]:
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
+
+
+# --- writing whole or not at all --------------------------------------------------------------------
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -122,3 +176,55 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_directory(target: Path, keep_existing: Callable[[Path], bool] = lambda target: False) -> Iterator[Path]:
+    """`with atomic_directory(target) as tmp:` build a directory whole or not at all.
+
+    The body writes into `.tmp-<name>-<pid>` beside target. When it returns, every file and
+    directory in it is fsynced and it is renamed to target; when it raises, it is removed and an
+    existing target is untouched. An existing target is replaced only once the new directory is
+    complete: it is renamed aside to `.old-<name>-<pid>` first (and back if the rename of the new
+    one fails), so one of the two is always whole on disk. Unless `keep_existing(target)` says it
+    is a finished build, e.g. a concurrent builder's identical result: then it is kept and ours
+    dropped. One process builds a given target once at a time (the names carry only the pid).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    aside = target.with_name(f".old-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # of a dead process that had our pid
+    tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others
+    try:
+        yield tmp
+        for dirpath, _, filenames in os.walk(tmp, topdown=False):
+            for name in filenames:
+                fsync_path(Path(dirpath) / name)
+            fsync_path(Path(dirpath))
+        if target.exists():
+            if keep_existing(target):
+                return
+            os.rename(target, aside)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if keep_existing(target):
+                return  # a concurrent builder was quicker
+            if aside.exists() and not target.exists():
+                os.rename(aside, target)
+            raise
+        fsync_path(target.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory so that the entries created or renamed in it are durable. On
+    Linux fsync through a read-only descriptor flushes a file's data all the same."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

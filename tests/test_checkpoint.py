@@ -35,7 +35,7 @@ from qwen_daemon.train.checkpoint import (
     verify_checkpoint,
 )
 
-LOGGER = "qwen_daemon.train.checkpoint"
+LOGGER = "shared.checkpoints"  # finding checkpoints and cleaning up after interrupted saves
 
 
 def _base_model(seed: int = 0) -> Qwen3ForCausalLM:

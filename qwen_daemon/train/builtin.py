@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from shared import runs
+
 CACHE_ENV = "QWEN_DAEMON_CACHE"
 
 TOKENIZER_NAME = "builtin:qwen3-tokenizer"
@@ -208,25 +210,19 @@ def _stamp_matches(directory: Path, expected: dict) -> bool:
 def _ensure_built(target: Path, expected: dict, write: Callable[[Path], None]) -> Path:
     """Return ``target``, building it with ``write`` unless a matching build is already there.
 
-    The build goes into a temporary directory next to ``target`` and is renamed into place,
-    so readers never see a half-written directory. The stamp is written last and records a
-    unique build id (tests use it to see that a cache was reused).
+    The build goes into a temporary directory next to ``target`` and is renamed into place
+    (runs.atomic_directory), so readers never see a half-written directory. If another process
+    finished a matching build first, theirs is kept; a stale build (older builder) is replaced.
+    The stamp is written last and records a unique build id (tests use it to see that a cache
+    was reused).
     """
     if _stamp_matches(target, expected):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others.
-    tmp = target.parent / f".{target.name}.build-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with runs.atomic_directory(target, keep_existing=lambda built: _stamp_matches(built, expected)) as tmp:
         write(tmp)
         _share_read_access(tmp)
         stamp = {"builder": expected, "build_id": uuid.uuid4().hex}
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, target, expected)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -240,36 +236,6 @@ def _share_read_access(directory: Path) -> None:
     for path in directory.iterdir():
         if path.is_file():
             os.chmod(path, path.stat().st_mode | read_bits)
-
-
-def _move_into_place(tmp: Path, target: Path, expected: dict) -> None:
-    """Rename the finished build ``tmp`` to ``target``.
-
-    If another process finished a matching build first, keep theirs. A stale build (older
-    builder) is moved aside and deleted; rename cannot replace a non-empty directory.
-    """
-    try:
-        os.rename(tmp, target)
-        return
-    except OSError:
-        if not target.exists():
-            raise
-    if _stamp_matches(target, expected):
-        return  # a concurrent builder won; ours is deleted by the caller
-    stale = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex}")
-    try:
-        os.rename(target, stale)
-    except OSError:
-        if not _stamp_matches(target, expected):
-            raise
-        return
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not _stamp_matches(target, expected):
-            raise
-    finally:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- tokenizer

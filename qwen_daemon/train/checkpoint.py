@@ -1,4 +1,4 @@
-"""Crash-safe training checkpoints: save, verify, find the newest good one, restore.
+"""Crash-safe training checkpoints: save and restore (torch and peft).
 
 The training loop saves and restores through this module only and knows nothing of the file
 layout. A checkpoint is the directory ``<run_dir>/checkpoints/checkpoint-<step>/`` holding:
@@ -8,64 +8,65 @@ layout. A checkpoint is the directory ``<run_dir>/checkpoints/checkpoint-<step>/
 - ``optimizer.pt``, ``scheduler.pt``: the ``state_dict()`` of each;
 - ``rng.pt``: python ``random``, numpy (when importable), torch CPU and every CUDA device's RNG;
 - ``state.json``: the :class:`TrainState`;
-- ``manifest.json``, written last: ``{"format", "step", "created", "files": {relative path:
-  {"size", "sha256"}}}``. A directory without a manifest, or whose files do not match it, is not
-  a valid checkpoint.
+- ``manifest.json``, written last (shared/checkpoints.py). A directory without a manifest, or
+  whose files do not match it, is not a valid checkpoint.
 
-Atomicity: everything is written into ``checkpoints/.tmp-checkpoint-<step>-<pid>``, every file
-and directory is fsynced, and only then is the directory renamed to ``checkpoint-<step>`` (and
-the parent fsynced). A crash before the rename leaves no ``checkpoint-*`` directory. Replacing an
-existing step renames the old directory to ``.old-checkpoint-<step>-<pid>`` first, so one of the
-two is always complete on disk; checkpoints deleted by retention go through
-``.trash-checkpoint-<step>-<pid>`` so that a half-deleted one never looks like a checkpoint.
-Leftovers of a writer that is no longer running are cleaned up (an ``.old-`` one is put back when
-its replacement never arrived) by the next :func:`save_checkpoint` or :func:`latest_valid_checkpoint`.
+Listing, verifying and finding the newest good checkpoint need no torch: they are in
+shared/checkpoints.py (the supervisor uses them) and re-exported here.
 
-torch and peft are imported inside the functions that need them: listing and verifying
-checkpoints (e.g. from the TUI) must not pay for importing them.
+Atomicity: a save is built with ``runs.atomic_directory`` in
+``checkpoints/.tmp-checkpoint-<step>-<pid>``, every file and directory is fsynced, and only then
+is the directory renamed to ``checkpoint-<step>`` (and the parent fsynced). A crash before the
+rename leaves no ``checkpoint-*`` directory. Replacing an existing step renames the old directory
+to ``.old-checkpoint-<step>-<pid>`` first, so one of the two is always complete on disk;
+checkpoints deleted by retention go through ``.trash-checkpoint-<step>-<pid>`` so that a
+half-deleted one never looks like a checkpoint. Leftovers of a writer that is no longer running
+are cleaned up (an ``.old-`` one is put back when its replacement never arrived) by the next
+:func:`save_checkpoint` or :func:`latest_valid_checkpoint`.
+
+torch and peft are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.runs import pid_alive
+from shared import runs
+from shared.checkpoints import (  # noqa: F401 - some only re-exported (the loop and tests)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MANIFEST_FILE,
+    OPTIMIZER_FILE,
+    REQUIRED_FILES,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_size,
+    checkpoint_step,
+    checkpoints_dir,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    recover_leftovers,
+    verify_checkpoint,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
-
-FORMAT = 1
-CHECKPOINTS_DIR = "checkpoints"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.pt"
-STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"
-# What every checkpoint must list in its manifest; peft's model card (README.md) and the
-# subdirectories of extra adapters are listed too but not required.
-REQUIRED_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
 
 # A checkpoint is written only when the disk has this times its expected size free (the newest
 # checkpoint's size, or the caller's estimate before the first).
 SPACE_MARGIN = 1.5
 
-# No leading zeros: "checkpoint-007" and "checkpoint-7" would be two directories for one step.
-_CHECKPOINT_RE = re.compile(r"checkpoint-(0|[1-9][0-9]*)")
-_LEFTOVER_RE = re.compile(r"\.(tmp|old|trash)-checkpoint-(0|[1-9][0-9]*)-([0-9]+)")
-_HASH_CHUNK = 1 << 20
 # peft's default ("auto") asks the Hugging Face hub, on every save, whether the base model's
 # vocabulary was resized (a network round trip, or a timeout on an offline server) and may then
 # copy the whole embedding matrix into each checkpoint. We never resize the vocabulary, so the
@@ -93,46 +94,7 @@ class TrainState:
     best_step: int | None = None
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the model; the message says which and what to do."""
-
-
-# --------------------------------------------------------------------------- listing and verifying
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    """``<run_dir>/checkpoints``."""
-    return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step in a ``checkpoint-<step>`` directory name; ValueError for any other name."""
-    m = _CHECKPOINT_RE.fullmatch(Path(path).name)
-    if not m:
-        raise ValueError(f"{path}: not a checkpoint directory name (expected checkpoint-<step>)")
-    return int(m.group(1))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """The ``checkpoint-<step>`` directories of a run, oldest step first; [] when there are none.
-
-    Only the name is checked: use :func:`verify_checkpoint` or :func:`latest_valid_checkpoint`
-    before trusting one.
-    """
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_size(path: Path) -> int:
-    """Bytes of a checkpoint's files, from its manifest (0 when it has none)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text(encoding="utf-8"))
-        return sum(int(f["size"]) for f in manifest["files"].values()) + len(json.dumps(manifest))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return 0
+# --------------------------------------------------------------------------- saving
 
 
 def free_bytes(path: Path) -> int:
@@ -141,90 +103,6 @@ def free_bytes(path: Path) -> int:
 
 class NoSpace(OSError):
     """Too little free space for a checkpoint: nothing was written and nothing deleted."""
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Check a checkpoint directory against its manifest; CheckpointError says what is wrong.
-
-    Checks that the manifest exists and parses, lists every required file, and that each listed
-    file exists with the recorded size and SHA-256. Reads every file once.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise CheckpointError(
-            f"{manifest_path}: missing; the save did not finish or this is not a checkpoint written by "
-            "qwen_daemon; delete the directory"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{manifest_path}: unreadable ({e}); the checkpoint is damaged, delete it") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no 'files' table); delete the checkpoint")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{manifest_path}: checkpoint format {manifest.get('format')!r}, this version reads format {FORMAT}; "
-            "resume it with the qwen_daemon version that wrote it"
-        )
-    m = _CHECKPOINT_RE.fullmatch(path.name)
-    if m and manifest.get("step") != int(m.group(1)):
-        raise CheckpointError(
-            f"{manifest_path}: records step {manifest.get('step')!r} but the directory is {path.name}; "
-            "it was renamed or copied over, delete it"
-        )
-    files: dict[str, Any] = manifest["files"]
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise CheckpointError(f"{manifest_path}: does not list {name}; the checkpoint is incomplete, delete it")
-    for rel, info in files.items():
-        rel_path = Path(rel)
-        if rel_path.is_absolute() or ".." in rel_path.parts:
-            raise CheckpointError(f"{manifest_path}: lists a path outside the checkpoint ({rel!r}); delete it")
-        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
-            raise CheckpointError(f"{manifest_path}: malformed entry for {rel!r}; delete the checkpoint")
-        file = path / rel_path
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing (the manifest lists it); the checkpoint is incomplete, delete it")
-        size = file.stat().st_size
-        if size != info["size"]:
-            raise CheckpointError(
-                f"{file}: {size} bytes, the manifest says {info['size']}; the file was truncated or changed, "
-                "delete the checkpoint"
-            )
-        if _sha256(file) != info["sha256"]:
-            raise CheckpointError(
-                f"{file}: SHA-256 does not match the manifest; the file is corrupt, delete the checkpoint"
-            )
-
-
-def latest_valid_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that passes :func:`verify_checkpoint`, or None.
-
-    Logs a warning for each newer one that fails. Also finishes what a crashed writer left
-    behind (see the module docstring), so that a checkpoint set aside while being replaced
-    is found again.
-    """
-    root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        try:
-            _recover_leftovers(root)
-        except OSError as e:
-            # A read-only observer (e.g. the TUI as another user) can still list and verify.
-            log.warning("cannot clean up interrupted saves in %s: %s", root, e)
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            log.warning("skipping checkpoint %s: %s", path, e)
-            continue
-        return path
-    return None
-
-
-# --------------------------------------------------------------------------- saving
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, *, keep_last: int,
@@ -253,7 +131,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     peft_model = unwrap_model(model)
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _recover_leftovers(root)
+    recover_leftovers(root)
     existing = list_checkpoints(run_dir)
     needed = SPACE_MARGIN * (checkpoint_size(existing[-1]) if existing else expected_bytes)
     if (free := free_bytes(root)) < needed:
@@ -262,43 +140,13 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
 
     step = int(state.step)
     final = root / f"checkpoint-{step}"
-    pid = os.getpid()
-    tmp = root / f".tmp-checkpoint-{step}-{pid}"
-    old = root / f".old-checkpoint-{step}-{pid}"
-    tmp.mkdir()
-    try:
+    with runs.atomic_directory(final) as tmp:
         peft_model.save_pretrained(str(tmp), save_embedding_layers=SAVE_EMBEDDING_LAYERS, state_dict=adapter_state)
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         torch.save({"ranks": rank_rng_states} if rank_rng_states else capture_rng_state(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n", encoding="utf-8")
-        files = _sync_and_hash_tree(tmp)
-        manifest = {
-            "format": FORMAT,
-            "step": step,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": files,
-        }
-        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-        _fsync_dir(tmp)
-    except BaseException:
-        # Nothing named checkpoint-* exists yet; free the space (a full disk is a likely cause).
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    replaced = final.exists()
-    if replaced:
-        os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        if replaced:
-            os.rename(old, final)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
-    if replaced:
-        shutil.rmtree(old)
+        write_manifest(tmp, step)
     log.info("saved checkpoint %s", final)
 
     _apply_retention(run_dir, keep_last=keep_last, best_step=state.best_step, current_step=step)
@@ -345,32 +193,7 @@ def _apply_retention(run_dir: Path, *, keep_last: int, best_step: int | None, cu
             log.warning("could not delete old checkpoint %s: %s; delete it by hand to free the space", path, e)
             continue
         log.info("deleted old checkpoint %s (keeping the %d newest and the best)", path, keep_last)
-    _fsync_dir(root)
-
-
-def _recover_leftovers(root: Path) -> None:
-    """Clean up after writers that died mid-save: drop temporaries, put set-aside checkpoints back.
-
-    Leftovers of a running process (another pid that is alive) are left alone; our own pid's
-    are stale because a save in this process is never concurrent with this call.
-    """
-    me = os.getpid()
-    for entry in sorted(root.iterdir()):
-        m = _LEFTOVER_RE.fullmatch(entry.name)
-        if not m:
-            continue
-        kind, step, pid = m.group(1), int(m.group(2)), int(m.group(3))
-        if pid != me and pid_alive(pid):
-            continue
-        final = root / f"checkpoint-{step}"
-        if kind == "old" and not final.exists():
-            # The writer died between moving the old checkpoint aside and renaming the new one in.
-            os.rename(entry, final)
-            _fsync_dir(root)
-            log.warning("restored %s, set aside by an interrupted save (pid %d) that never replaced it", final, pid)
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-            log.warning("removed %s left behind by an interrupted save (pid %d)", entry, pid)
+    runs.fsync_path(root)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -386,53 +209,6 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _sync_and_hash_tree(top: Path) -> dict[str, dict[str, Any]]:
-    """fsync every file and directory under top; {relative posix path: {size, sha256}} of the files.
-
-    The files were written and closed by torch / safetensors / peft, so they are reopened here:
-    on Linux fsync through a read-only descriptor flushes the file's data all the same.
-    """
-    files: dict[str, dict[str, Any]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            h = hashlib.sha256()
-            size = 0
-            with open(path, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                os.fsync(f.fileno())
-            files[path.relative_to(top).as_posix()] = {"size": size, "sha256": h.hexdigest()}
-        _fsync_dir(Path(dirpath))
-    return files
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so that the entries created or renamed in it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- loading

@@ -21,14 +21,13 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from shared import runs
 from shared.config import Config
 from qwen_daemon.train import traces
 from qwen_daemon.train.readers import Conversation, Problem, find_files, read_file
@@ -459,22 +458,16 @@ def _cache_key(cfg: Config, tokenizer, files: list[Path]) -> str:
 
 
 def _save(prepared: PreparedData, cache: Path) -> None:
-    """Write atomically: a half-written cache must never be picked up."""
+    """Write atomically: a half-written cache must never be picked up. A concurrent preparation
+    that finished first wrote the same (the key covers every input): it is kept."""
     import datasets
 
     datasets.disable_progress_bars()  # a daemon's log is no place for progress bars
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
-    try:
+    with runs.atomic_directory(cache, keep_existing=lambda done: (done / "report.json").exists()) as tmp:
         for name, ds in prepared.splits.items():
             if len(ds):  # datasets cannot load an empty saved dataset back; _load recreates it
                 ds.save_to_disk(str(tmp / name))
         (tmp / "report.json").write_text(json.dumps(prepared.report.to_dict(), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, cache)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (cache / "report.json").exists():
-            raise
 
 
 def _load(cache: Path) -> PreparedData:
