@@ -8,12 +8,12 @@ import time
 
 import zmq
 
-from qwen_daemon import worker
+from qwen_daemon import wire, worker
 
 RATE, SECONDS = int(os.environ.get("BENCH_RATE", 200)), float(os.environ.get("BENCH_SECONDS", 10))
 
 context = zmq.Context()
-telemetry = worker.Telemetry(context, os.environ[worker.TELEMETRY_ENV])
+telemetry = worker.Telemetry(context, os.environ[wire.TELEMETRY_ENV])
 sink = worker.TelemetrySink(telemetry)
 sink.event("train_start", step=0)
 start = time.perf_counter()
@@ -24,4 +24,4 @@ for step in range(1, int(RATE * SECONDS) + 1):
                   "grad_norm": 0.5, "tokens": 8192, "tokens_per_s": 10000.0, "sent": time.time()})
 telemetry.close()
 context.term()
-sys.exit(worker.EXIT_FINISHED)
+sys.exit(wire.EXIT_FINISHED)

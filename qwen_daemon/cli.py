@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from qwen_daemon import launch
-from shared import runs
+from shared import protocol, runs
 from shared.config import Config, ConfigError, load_config
 
 log = logging.getLogger("qwen_daemon")
@@ -61,8 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     start.set_defaults(func=cmd_start)
 
     ctl = sub.add_parser("ctl", help="send a command to a run's daemon")
-    ctl.add_argument("command_name", choices=["status", "ping", "snapshot", "pause", "resume", "checkpoint",
-                                              "set-batch-size", "stop"])
+    ctl.add_argument("command_name", choices=[name.replace("_", "-") for name in protocol.COMMANDS])
     ctl.add_argument("value", nargs="?", type=int, help="set-batch-size: the new micro-batch size")
     ctl.add_argument("--change-global-batch", action="store_true",
                      help="set-batch-size: keep accumulation (the global batch changes) instead")
@@ -225,9 +223,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         run = _find_run(args.resume, live=False)
         if runs.live_daemon(run):
             raise DataError(f"{run} is running; nothing to resume")
-        ended = (_read_json(run / runs.DAEMON_JSON) or {}).get("state")
+        ended = (runs.read_json(run / runs.DAEMON_JSON) or {}).get("state")
         if ended == "finished":
-            print(f"{run} has finished (step {_last_step(run)}, adapter in {run / 'final'}); nothing to resume. "
+            print(f"{run} has finished (step {runs.last_step(run)}, adapter in {run / 'final'}); nothing to resume. "
                   "To train on, start a new run, e.g. with --set train.epochs=... from its config.")
             return 0
     else:
@@ -306,19 +304,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    root = Path(args.runs_root)
-    rows = []
-    for run in sorted(root.glob("*/" + runs.CONFIG)):
-        run = run.parent
-        info = _read_json(run / runs.DAEMON_JSON)
+    found = runs.list_runs(args.runs_root)
+    if not found:
+        print(f"no runs in {args.runs_root}")
+    for run in found:
+        state = (runs.read_json(run / runs.DAEMON_JSON) or {}).get("state", "-")
         live = runs.live_daemon(run)
-        step = _last_step(run)
-        rows.append((run.name, (info or {}).get("state", "-") if live or info else "-", step,
-                     live["pid"] if live else "-"))
-    if not rows:
-        print(f"no runs in {root}")
-    for name, state, step, pid in rows:
-        print(f"{name:40} {state:10} step {step:>7} pid {pid}")
+        print(f"{run.name:40} {state:10} step {runs.last_step(run):>7} pid {live['pid'] if live else '-'}")
     return 0
 
 
@@ -344,53 +336,26 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def _call(run: Path, cmd: str, args: dict, timeout: float) -> dict:
     import zmq
 
-    from shared import protocol
-
-    info = _read_json(run / runs.DAEMON_JSON)
+    info = runs.read_json(run / runs.DAEMON_JSON)
     context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
     try:
-        sock.connect(info["endpoints"]["control"])
-        sock.send(protocol.encode_request(os.urandom(8).hex(), cmd, args))
-        if not sock.poll(timeout * 1000):
-            raise DataError(f"no answer from the daemon of {run} within {timeout:g} s (it applies commands at "
-                            "the next step boundary; try a larger --timeout)")
-        return protocol.decode_reply(sock.recv())
+        return protocol.request(context, info["endpoints"]["control"], cmd, args, timeout)
+    except TimeoutError:
+        raise DataError(f"no answer from the daemon of {run} within {timeout:g} s (it applies commands at "
+                        "the next step boundary; try a larger --timeout)") from None
     finally:
         context.destroy(linger=0)
 
 
 def _find_run(name: str | None, live: bool) -> Path:
     """A run by directory or name; with no name, the newest run with a live daemon."""
-    if name:
-        path = Path(name)
-        for candidate in (path, Path("runs") / name):
-            if (candidate / runs.CONFIG).exists():
-                if live and runs.live_daemon(candidate) is None:
-                    raise DataError(f"{candidate} has no running daemon (see qwen-daemon list)")
-                return candidate
-        raise DataError(f"no run {name!r} (give runs/<name> or its path; see qwen-daemon list)")
-    live = runs.live_runs()
-    if not live:
-        raise DataError("no live run in ./runs; name one with --run (see qwen-daemon list)")
-    return live[0][0]
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _last_step(run: Path) -> int:
-    try:
-        with open(run / runs.METRICS, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-        return max((json.loads(line).get("step", 0) for line in lines[1:] or lines if line.startswith("{")), default=0)
-    except (OSError, ValueError):
-        return 0
+    run = runs.find_run(name or None)
+    if run is None:
+        raise DataError(f"no run {name!r} (give runs/<name> or its path; see qwen-daemon list)" if name else
+                        "no live run in ./runs; name one with --run (see qwen-daemon list)")
+    if name and live and runs.live_daemon(run) is None:
+        raise DataError(f"{run} has no running daemon (see qwen-daemon list)")
+    return run
 
 
 def _prepare(cfg: Config):

@@ -3,13 +3,13 @@
     python -m qwen_daemon.supervisor RUN_DIR [--resume]
 
 One thread, one poll loop (the ZeroMQ guide's style): client requests on the ROUTER socket,
-worker telemetry on a PULL socket, worker replies on a PAIR socket, and a tick every second for
-the `gpu` and `heartbeat` topics. Everything published goes through `publish`, which also keeps
+worker telemetry (command replies included) on a PULL socket, commands to rank 0 on a PAIR socket
+(frames: qwen_daemon/wire.py), and a tick every second for the `gpu` and `heartbeat` topics. Everything published goes through `publish`, which also keeps
 the history that `snapshot` returns, so a snapshot is exactly the messages up to its seq.
 
 A worker that dies (killed, segfault) is restarted from the newest valid checkpoint up to
 `daemon.max_restarts` times, each restart an event; then the run is `failed`. A worker that exits with
-EXIT_FAILED has reported why (bad data, an OOM at micro-batch 1) and is not restarted.
+wire.EXIT_FAILED has reported why (bad data, an OOM at micro-batch 1) and is not restarted.
 SIGTERM/SIGINT: the worker is told to stop at the next step boundary with a checkpoint.
 """
 
@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 
-from shared import protocol, runs
+from shared import batchsize, protocol, runs
 from shared.config import load_config
-from qwen_daemon import gpu, launch, worker
+from qwen_daemon import gpu, launch, wire
 
 log = logging.getLogger("qwen_daemon.supervisor")
 
@@ -191,7 +190,7 @@ class Supervisor:
             self.logs.append({"ts": now, **body})  # the snapshot's lines carry their time
         elif topic == "event":
             self.events.append({"ts": now, **body})
-            if body.get("kind") in ("command_applied", "oom_recovered", "batch_restored", "memory_plan", "train_start"):
+            if body.get("kind") in batchsize.BATCH_EVENTS:
                 self.note_figures(body)
         elif topic == "gpu":
             self.gpu = body
@@ -240,13 +239,13 @@ class Supervisor:
         control = f"{self.endpoints['worker-control']}-{self.restarts}"
         self.pair = self.context.socket(zmq.PAIR)
         self.pair.bind(control)
-        env = {**os.environ, worker.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
-               worker.CONTROL_ENV: control, "PYTHONUNBUFFERED": "1",
+        env = {**os.environ, wire.TELEMETRY_ENV: self.endpoints["worker-telemetry"],
+               wire.CONTROL_ENV: control, "PYTHONUNBUFFERED": "1",
                launch.SUPERVISOR_ENV: str(os.getpid())}
         env[launch.BACKEND_ENV] = self.backend
         env[launch.RESTARTS_ENV] = str(self.restarts)
-        # QWEN_DAEMON_WORKER_MODULE: another worker program (the telemetry benchmark's synthetic one).
-        module = os.environ.get("QWEN_DAEMON_WORKER_MODULE", "qwen_daemon.worker")
+        # Another worker program speaking the same wire (the telemetry benchmark's synthetic one).
+        module = os.environ.get(wire.MODULE_ENV, "qwen_daemon.worker")
         cmd = launch.worker_command(self.run_dir, resume, self.cfg, self.processes, module)
         self.reported = set()
         # The trainers end when this process does, however it ends (kill -9 too), and hold the run's
@@ -263,7 +262,7 @@ class Supervisor:
             self.worker.send_signal(signal.SIGTERM)
             return
         try:
-            self.pair.send(msgpack.packb({"id": 0, "cmd": "stop", "args": {}}), flags=zmq.NOBLOCK)
+            self.pair.send(wire.command(0, "stop"), flags=zmq.NOBLOCK)
         except zmq.Again:  # rank 0 is not listening yet (still loading): nothing to save
             self.worker.send_signal(signal.SIGTERM)
 
@@ -276,13 +275,13 @@ class Supervisor:
             sock.send_multipart(route + [encoded])
         self.forwarded.clear()
         self.to_worker.clear()
-        if code == worker.EXIT_FINISHED:
+        if code == wire.EXIT_FINISHED:
             self.set_state("finished")
             return False
-        if code == worker.EXIT_STOPPED or self.stopping or "stopped" in self.reported:
+        if code == wire.EXIT_STOPPED or self.stopping or "stopped" in self.reported:
             self.set_state("stopped")  # (torchrun's agent turns a rank's exit code 10 into 1)
             return False
-        from qwen_daemon.train.checkpoint import latest_valid_checkpoint
+        from shared.checkpoints import latest_valid_checkpoint
 
         # An `error` event: the worker said why (bad data, OOM at micro-batch 1, ...); a restart
         # would fail the same way. Anything else (killed, a crash, a dead rank) is worth a restart.
@@ -292,12 +291,6 @@ class Supervisor:
             restarted = {"ts": time.time(), "kind": "worker_restarted", "exit_code": code, "restart": self.restarts,
                          "checkpoint": str(checkpoint) if checkpoint else None}
             self.publish("event", restarted)
-            f = self.figures
-            if not (self.run_dir / runs.RESTART_BATCH).exists() and "grad_accum" in f:
-                # The batch size in effect now, which a command may have changed since the
-                # checkpoint (a worker's own file, after an OOM, is newer: it stays).
-                runs.write_restart_batch(self.run_dir, f["micro_batch_size"], f["grad_accum"], self.processes,
-                                         reason="restart")
             # Into the run's own record too (the workers write the rest; none is running now).
             with open(self.run_dir / runs.EVENTS, "a", encoding="utf-8") as out:
                 out.write(json.dumps(restarted) + "\n")
@@ -358,7 +351,7 @@ class Supervisor:
         self.forwarded[self.next_id] = (route, id, cmd, sock)
         if cmd == "stop":
             self.stopping = True
-        self.to_worker.append(msgpack.packb({"id": self.next_id, "cmd": cmd, "args": request.get("args") or {}}))
+        self.to_worker.append(wire.command(self.next_id, cmd, request["args"]))
         self.send_to_worker()
 
     def send_to_worker(self) -> None:
@@ -400,16 +393,17 @@ class Supervisor:
             return
         if reply["ok"]:
             encoded = protocol.encode_reply(id, result={**reply["result"], "seq": self.seq})
-            if cmd in ("pause", "resume"):
-                self.set_state("paused" if cmd == "pause" else "training", f"{cmd} at step {reply['result']['step']}")
         else:
             encoded = protocol.encode_reply(id, error={"code": "command_failed", "message": reply["error"]})
         self.replies.put(route[0] if route else b"", id, encoded)
         sock.send_multipart(route + [encoded])
 
     def handle_telemetry(self, frame: bytes) -> None:
-        message = msgpack.unpackb(frame, raw=False)
-        topic, body = message["topic"], message["body"]
+        try:
+            topic, body = wire.read_telemetry(frame)
+        except wire.WireError as e:
+            log.warning("dropped a malformed message from the worker: %s", e)
+            return
         if topic == "rank":  # a worker's own torch memory figures, merged into the gpu topic
             self.ranks[body["rank"]] = body
             return
@@ -429,6 +423,10 @@ class Supervisor:
         kind = body.get("kind") if topic == "event" else None
         if kind == "train_start" and self.state == "loading":
             self.set_state("training")
+        elif kind == "command_applied" and "paused" in body and self.state in ("training", "paused", "evaluating",
+                                                                               "saving"):
+            # The loop's own word: it paused or resumed at this step (before the command's reply).
+            self.set_state("paused" if body["paused"] else "training", f"{body['command']} at step {body.get('step')}")
         elif kind == "auto_paused" and self.state == "training":
             self.set_state("paused", f"repeated anomalies at step {body.get('step')} (train.on_anomaly pause)")
         elif kind in ("evaluating", "saving") and self.state in ("training", "paused"):

@@ -7,8 +7,7 @@ thread fed by a bounded queue: training never waits for the supervisor, and when
 full messages are dropped (counted). Commands arrive on a PAIR socket, owned by a command thread
 that turns each into a `Controls` call and sends the reply when the loop has applied it.
 
-Exit codes: 0 finished, 10 stopped (by a command or a signal), 1 training failed (the reason is
-the last `error` event).
+The frames, the environment it is started with and its exit codes are qwen_daemon/wire.py's.
 """
 
 from __future__ import annotations
@@ -24,17 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 
-from qwen_daemon import gpu, launch
+from qwen_daemon import gpu, launch, wire
 from shared import runs
 from shared.config import load_config
 
-EXIT_FINISHED, EXIT_STOPPED, EXIT_FAILED = 0, 10, 1
 RANK = int(os.environ.get("RANK", 0))
-TELEMETRY_ENV = "QWEN_DAEMON_WORKER_TELEMETRY"  # supervisor's PULL endpoint
-CONTROL_ENV = "QWEN_DAEMON_WORKER_CONTROL"  # supervisor's PAIR endpoint
 QUEUE_SIZE = 10_000
 
 log = logging.getLogger("qwen_daemon.worker")
@@ -61,7 +56,7 @@ class Telemetry:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             topic, body = item
-            self._socket.send(msgpack.packb({"topic": topic, "body": body}, use_bin_type=True, default=str))
+            self._socket.send(wire.telemetry(topic, body))
         self._socket.close()
 
     def close(self) -> None:
@@ -106,24 +101,17 @@ def torch_device_index() -> int:
 
 def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event,
                    telemetry: Telemetry) -> None:
-    """Command thread: requests from the supervisor -> Controls (rank 0 only: the loop broadcasts
-    commands to the other ranks). A command's reply goes out on the telemetry stream, from the
+    """Command thread: requests from the supervisor -> Controls.submit (rank 0 only: the loop
+    broadcasts commands to the other ranks). A command's reply goes out on the telemetry stream, from the
     loop's thread the moment it applies the command, so it follows every record of the step it was
     applied at (docs/protocol.md). Also sends this process's torch memory figures once a second
     (every rank)."""
     sock = context.socket(zmq.PAIR)
     if RANK == 0:
         sock.connect(endpoint)
-    calls = {"pause": lambda a: controls.pause(a.get("release_memory", False)),
-             "resume": lambda a: controls.resume(), "checkpoint": lambda a: controls.checkpoint(),
-             "stop": lambda a: controls.stop(),
-             "set_batch_size": lambda a: controls.set_micro_batch_size(a["micro_batch_size"],
-                                                                        a.get("keep_global_batch", True))}
-
     def reply(id: int, future) -> None:
         error = future.exception()
-        telemetry.send("reply", {"id": id, "ok": error is None,
-                                 **({"error": str(error)} if error else {"result": future.result()})})
+        telemetry.send("reply", wire.reply(id, error=str(error)) if error else wire.reply(id, future.result()))
 
     next_memory = 0.0
     supervisor = int(os.environ.get(launch.SUPERVISOR_ENV, 0))
@@ -142,9 +130,13 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
         if RANK != 0:
             stop.wait(0.1)
         elif sock.poll(100):
-            request = msgpack.unpackb(sock.recv(), raw=False)
-            future = calls[request["cmd"]](request.get("args") or {})
-            future.add_done_callback(lambda f, id=request["id"]: reply(id, f))
+            try:
+                id, cmd, args = wire.read_command(sock.recv())
+                future = controls.submit(cmd, **args)
+            except (wire.WireError, ValueError, TypeError) as e:  # (the supervisor validated it: a bug)
+                log.error("dropped a command from the daemon: %s", e)
+                continue
+            future.add_done_callback(lambda f, id=id: reply(id, f))
     sock.close(linger=1000)
 
 
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     launch.die_with_parent()  # (a rank under torchrun: its parent is the agent, which has it too)
 
     context = zmq.Context()
-    telemetry = Telemetry(context, os.environ[TELEMETRY_ENV])
+    telemetry = Telemetry(context, os.environ[wire.TELEMETRY_ENV])
     handlers = [logging.FileHandler(run / runs.DAEMON_LOG, encoding="utf-8"), TelemetryLogHandler(telemetry)]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
@@ -174,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: controls.stop())
     stop = threading.Event()
-    commands = threading.Thread(target=serve_commands, args=(context, os.environ[CONTROL_ENV], controls, stop,
+    commands = threading.Thread(target=serve_commands, args=(context, os.environ[wire.CONTROL_ENV], controls, stop,
                                                              telemetry),
                                 name="commands", daemon=True)
     commands.start()
-    code = EXIT_FAILED
+    code = wire.EXIT_FAILED
     try:
         state = train(cfg, run, controls, resume=args.resume, sinks=(TelemetrySink(telemetry),))
-        code = EXIT_FINISHED if state.finished else EXIT_STOPPED  # what train() did, on every rank
+        code = wire.EXIT_FINISHED if state.finished else wire.EXIT_STOPPED  # what train() did, on every rank
     except (TrainingError, ModelLoadError, TermDictionaryError) as e:
         log.error("%s", e)
         telemetry.send("event", {"kind": "error", "message": str(e)})

@@ -12,9 +12,7 @@ scripts and tests use it alone.
 from __future__ import annotations
 
 import collections
-import json
 import math
-import os
 import queue
 import re
 import threading
@@ -26,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from shared import protocol, runs
+from shared import batchsize, protocol, runs
 from shared.events import SMOOTHING, describe_event  # noqa: F401 - describe_event: the TUI's import
 
 KEEP_LOGS = 5000
@@ -227,8 +225,7 @@ class RunView:
         self.events_total += 1
         if body.get("kind") in MARKED and isinstance(body.get("step"), int):
             self.marks.append(body["step"])
-        if body.get("kind") in ("oom_recovered", "batch_restored", "command_applied", "resumed", "train_start",
-                                "memory_plan"):
+        if body.get("kind") in batchsize.BATCH_EVENTS:
             # The new batch size shows before the next metrics record (not the event's step: a
             # run's files are read metrics first, then events).
             self._apply_status({k: body.get(k) for k in ("micro_batch_size", "grad_accum", "total_steps")})
@@ -290,7 +287,7 @@ def load_run_files(run_dir: Path) -> RunView:
     import yaml
 
     view = RunView(run=run_dir.name, connection="offline")
-    info = _read_json(run_dir / runs.DAEMON_JSON) or {}
+    info = runs.read_json(run_dir / runs.DAEMON_JSON) or {}
     view.state, view.pid, view.started_at = info.get("state", "unknown"), info.get("pid"), info.get("started_at")
     try:
         config = yaml.safe_load((run_dir / runs.CONFIG).read_text(encoding="utf-8")) or {}
@@ -303,7 +300,7 @@ def load_run_files(run_dir: Path) -> RunView:
         view._add_event(event, event.get("ts"))
         if event.get("kind") == "error" and view.reason is None:
             view.reason = event.get("message")
-    for line in _tail_lines(run_dir / runs.DAEMON_LOG, KEEP_LOGS):
+    for line in runs.tail_lines(run_dir / runs.DAEMON_LOG, KEEP_LOGS):
         match = _LOG_LINE.match(line)
         if match:
             ts = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
@@ -316,23 +313,6 @@ def load_run_files(run_dir: Path) -> RunView:
     elif view.state == "failed" and view.reason is None:
         view.reason = next((line.message for line in reversed(view.logs) if line.level in ("ERROR", "CRITICAL")), None)
     return view
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _tail_lines(path: Path, count: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 2_000_000))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    return lines[-count:]
 
 
 # --- the connection ---------------------------------------------------------------------------------
@@ -395,23 +375,16 @@ class Connection:
         endpoints = self.endpoints
         if endpoints is None:
             raise CommandError("the run's daemon is not running (this is a read-only view of its files)")
-        sock = self._socket(zmq.DEALER)
+        keys = self.keys and (self.keys.public, self.keys.secret, self.keys.server)
         try:
-            sock.connect(endpoints.control)
-            request_id = os.urandom(8).hex()
-            sock.send_multipart([b"", protocol.encode_request(request_id, cmd, args)])
-            deadline = time.monotonic() + timeout
-            while (left := deadline - time.monotonic()) > 0 and sock.poll(left * 1000):
-                reply = protocol.decode_reply(sock.recv_multipart()[-1])
-                if reply["id"] == request_id:
-                    if not reply["ok"]:
-                        raise CommandError(f"{reply['error']['code']}: {reply['error']['message']}")
-                    return reply["result"]
-            raise CommandError(f"no reply within {timeout:g} s; is the daemon alive? (qwen-daemon list)")
+            reply = protocol.request(self.context, endpoints.control, cmd, args, timeout, curve=keys)
+        except TimeoutError:
+            raise CommandError(f"no reply within {timeout:g} s; is the daemon alive? (qwen-daemon list)") from None
         except protocol.ProtocolError as e:
             raise CommandError(f"unreadable reply: {e}") from None
-        finally:
-            sock.close(linger=0)
+        if not reply["ok"]:
+            raise CommandError(f"{reply['error']['code']}: {reply['error']['message']}")
+        return reply["result"]
 
     # --- the thread ----------------------------------------------------------------------------------
 

@@ -35,23 +35,34 @@ STATES = ("starting", "loading", "training", "paused", "evaluating", "saving", "
 FINAL_STATES = ("finished", "stopped", "failed")
 """States a run never leaves: its daemon exits soon after."""
 
-COMMANDS: dict[str, dict[str, tuple[type, bool]]] = {
+REQUIRED = "required"
+"""An argument's default in COMMANDS when it has none: the request must give it."""
+
+COMMANDS: dict[str, dict[str, tuple[type, Any]]] = {
     "ping": {},
     "status": {},
     "snapshot": {},
     "pause": {"release_memory": (bool, False)},
     "resume": {},
     "checkpoint": {},
-    "set_batch_size": {"micro_batch_size": (int, True), "keep_global_batch": (bool, False)},
+    "set_batch_size": {"micro_batch_size": (int, REQUIRED), "keep_global_batch": (bool, True)},
     "stop": {},
 }
-"""Control commands: {name: {argument: (type, required)}}."""
+"""Control commands: {name: {argument: (type, default or REQUIRED)}}. The one list of them: the
+CLI takes its choices from it, the daemon its defaults (with_defaults), the training loop its
+handlers (one per command that is not read-only)."""
 
 READ_ONLY_COMMANDS = frozenset({"ping", "status", "snapshot"})
 """Answered at once and safe to execute twice; the others are applied at a step boundary."""
 
-# Lower bounds that a type alone cannot say; kept apart so that COMMANDS stays {arg: (type, required)}.
+# Lower bounds that a type alone cannot say.
 _MINIMUM = {("set_batch_size", "micro_batch_size"): 1}
+
+
+def with_defaults(cmd: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """A valid request's args with every optional argument that it left out at its default."""
+    return {**{name: default for name, (_, default) in COMMANDS[cmd].items() if default != REQUIRED}, **args}
+
 
 ERROR_CODES = (
     # Raised by this module (the request never reached the run):
@@ -299,9 +310,9 @@ def _check_request(msg: Mapping[str, Any]) -> dict[str, Any]:
         if name not in spec:
             takes = f"it takes {', '.join(spec)}" if spec else "it takes no arguments"
             raise error("bad_args", f"{cmd}: unknown argument {str(name)[:40]!r}; {takes}")
-    for name, (kind, required) in spec.items():
+    for name, (kind, default) in spec.items():
         if name not in args:
-            if required:
+            if default == REQUIRED:
                 raise error("bad_args", f"{cmd}: argument {name!r} is required ({kind.__name__})")
             continue
         value = args[name]
@@ -364,6 +375,34 @@ def _check_reply(reply: Mapping[str, Any]) -> Mapping[str, Any]:
                 raise ProtocolError("bad_message", f"reply error {key!r} must be a string, got "
                                                    f"{_describe(error.get(key))}")
     return reply
+
+
+def request(context, endpoint: str, cmd: str, args: Mapping[str, Any] | None = None, timeout: float = 600,
+            curve: tuple[bytes, bytes, bytes] | None = None) -> dict[str, Any]:
+    """One command to a daemon's control endpoint (a zmq.Context's DEALER socket of its own, with
+    CURVE keys (public, secret, server's public) where given): the decoded reply {ok, result |
+    error}, which comes once the command has been applied. TimeoutError if none comes within
+    `timeout` seconds; ProtocolError for an unreadable one. What `qwen-daemon ctl` and the TUI send."""
+    import os
+
+    import zmq
+
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    if curve:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve
+    try:
+        sock.connect(endpoint)
+        request_id = os.urandom(8).hex()
+        sock.send_multipart([b"", encode_request(request_id, cmd, args)])
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and sock.poll(left * 1000):
+            reply = decode_reply(sock.recv_multipart()[-1])
+            if reply["id"] == request_id:  # (not a late reply to an earlier request on this route)
+                return reply
+        raise TimeoutError(f"no reply within {timeout:g} s")
+    finally:
+        sock.close()
 
 
 class ReplyCache:

@@ -5,17 +5,17 @@ import signal
 
 import pytest
 
-from qwen_daemon import worker
+from qwen_daemon import wire, worker
 from qwen_daemon.train import loop
 from qwen_daemon.train.checkpoint import TrainState
 
 
-@pytest.mark.parametrize("finished, code", [(True, worker.EXIT_FINISHED), (False, worker.EXIT_STOPPED)])
+@pytest.mark.parametrize("finished, code", [(True, wire.EXIT_FINISHED), (False, wire.EXIT_STOPPED)])
 def test_the_exit_code_is_what_train_did_not_what_files_exist(run_dir, monkeypatch, tmp_path, finished, code):
     """A rank that finished while rank 0 still writes final/ must say finished (torchrun tears the
     group down on a non-zero exit, and the daemon would restart a finished run)."""
-    monkeypatch.setenv(worker.TELEMETRY_ENV, f"ipc://{tmp_path}/telemetry")
-    monkeypatch.setenv(worker.CONTROL_ENV, f"ipc://{tmp_path}/control")
+    monkeypatch.setenv(wire.TELEMETRY_ENV, f"ipc://{tmp_path}/telemetry")
+    monkeypatch.setenv(wire.CONTROL_ENV, f"ipc://{tmp_path}/control")
     monkeypatch.setattr(loop, "train", lambda *a, **k: TrainState(step=40, finished=finished))
     assert not (run_dir / "final").exists()
     handlers = logging.getLogger().handlers[:]

@@ -13,11 +13,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import protocol
+
 
 @dataclass
 class Command:
-    name: str  # pause | resume | checkpoint | set_batch_size | stop
-    args: dict[str, Any] = field(default_factory=dict)
+    name: str  # one of shared.protocol.COMMANDS that is not read-only
+    args: dict[str, Any] = field(default_factory=dict)  # every argument, defaults filled in
     future: Future = field(default_factory=Future)
 
 
@@ -28,32 +30,36 @@ class Controls:
         self._pending: list[Command] = []
         self._arrived = threading.Condition()
 
-    def pause(self, release_memory: bool = False) -> Future:
-        """Pause in place after the current step; release_memory empties the CUDA cache meanwhile."""
-        return self._put("pause", release_memory=release_memory)
-
-    def resume(self) -> Future:
-        return self._put("resume")
-
-    def checkpoint(self) -> Future:
-        """Save a checkpoint at the next boundary; resolves with its step and path."""
-        return self._put("checkpoint")
-
-    def set_micro_batch_size(self, micro_batch_size: int, keep_global_batch: bool = True) -> Future:
-        """Change the micro-batch size; gradient accumulation is recomputed so that the global
-        batch stays the same, unless keep_global_batch is False (then accumulation stays)."""
-        return self._put("set_batch_size", micro_batch_size=micro_batch_size, keep_global_batch=keep_global_batch)
-
-    def stop(self) -> Future:
-        """Stop after the current step with a final checkpoint."""
-        return self._put("stop")
-
-    def _put(self, name: str, **args: Any) -> Future:
-        command = Command(name, args)
+    def submit(self, name: str, **args: Any) -> Future:
+        """Queue the command `name` of shared.protocol.COMMANDS with its arguments (the ones left
+        out at their defaults); the daemon's worker forwards every request through here."""
+        if name not in protocol.COMMANDS or name in protocol.READ_ONLY_COMMANDS:
+            raise ValueError(f"{name!r} is not a command the training loop applies")
+        command = Command(name, protocol.with_defaults(name, args))
         with self._arrived:
             self._pending.append(command)
             self._arrived.notify_all()
         return command.future
+
+    # The commands by name, for the loop's own callers (tests, signals); see docs/protocol.md.
+    def pause(self, **args: Any) -> Future:
+        """Pause in place after the current step (release_memory: empty the CUDA cache meanwhile)."""
+        return self.submit("pause", **args)
+
+    def resume(self) -> Future:
+        return self.submit("resume")
+
+    def checkpoint(self) -> Future:
+        """Save a checkpoint at the next boundary; resolves with its step and path."""
+        return self.submit("checkpoint")
+
+    def set_micro_batch_size(self, micro_batch_size: int, **args: Any) -> Future:
+        """Change the micro-batch size, keeping the global batch unless keep_global_batch=False."""
+        return self.submit("set_batch_size", micro_batch_size=micro_batch_size, **args)
+
+    def stop(self) -> Future:
+        """Stop after the current step with a final checkpoint."""
+        return self.submit("stop")
 
     def take(self) -> list[Command]:
         """Loop side: every pending command, oldest first."""

@@ -16,6 +16,7 @@ import torch
 
 from qwen_daemon.train import memory
 from qwen_daemon.train.checkpointing import decoder_layers, set_checkpointing
+from shared import batchsize
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def fit(r, reason: str, refit_batch: bool = True) -> None:
     keep_mbs = None if cfg.train.micro_batch_size == "auto" and refit_batch else s.micro_batch_size
     if r.device.type != "cuda" and memory.standin_model(1) is None:
         # No GPU: no memory to fit. The largest micro-batch of at most PROBE_TOKENS tokens.
-        mbs = keep_mbs or max(d for d in memory.divisors(per_rank)
+        mbs = keep_mbs or max(d for d in batchsize.divisors(per_rank)
                               if d == 1 or d * cfg.data.max_seq_len <= memory.PROBE_TOKENS)
         fixed = fixed_choices(r, mbs)
         plan = memory.Plan(mbs, per_rank // mbs, len(decoder_layers(r.model)) if fixed["checkpointed"] is None

@@ -37,12 +37,13 @@ from qwen_daemon.train import fitting, fused
 from qwen_daemon.train.batching import collate, epoch_units, step_plan
 from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, checkpoint_size, free_bytes,
                                           latest_valid_checkpoint, load_checkpoint, save_checkpoint)
+from qwen_daemon.train.checkpointing import decoder_layers
 from qwen_daemon.train.controls import Command, Controls
 from qwen_daemon.train.data import prepare_data
 from qwen_daemon.train.guard import Guard
 from qwen_daemon.train.model import compute_dtype, flattened, load_model, load_tokenizer
 from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
-from shared import runs
+from shared import batchsize, runs
 from shared.config import Config
 
 log = logging.getLogger(__name__)
@@ -299,8 +300,7 @@ def shard_fsdp(model) -> None:
     only its shard of the LoRA weights and of the optimizer state."""
     from torch.distributed.fsdp import fully_shard
 
-    layer_classes = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    layers = decoder_layers(model)
     if not layers:
         raise TrainingError(f"launch.strategy fsdp: {type(model.get_base_model()).__name__} names no decoder layer "
                             "class (_no_split_modules) to shard by; use launch.strategy ddp")
@@ -340,13 +340,12 @@ def keep_global_batch(r: Run) -> None:
     skipped or repeated either way."""
     s = r.state
     global_batch = s.micro_batch_size * s.grad_accum * s.processes
-    per_rank, rest = divmod(global_batch, r.world_size)
-    if rest:
+    kept = batchsize.rescaled(s.micro_batch_size, s.grad_accum, s.processes, r.world_size)
+    if kept is None:
         log.warning("resumed on %d processes (trained on %d): the global batch %d does not divide; it becomes %d",
                     r.world_size, s.processes, global_batch, s.micro_batch_size * s.grad_accum * r.world_size)
         return
-    s.micro_batch_size = next(m for m in range(min(s.micro_batch_size, per_rank), 0, -1) if per_rank % m == 0)
-    s.grad_accum = per_rank // s.micro_batch_size
+    s.micro_batch_size, s.grad_accum = kept
     log.info("resumed on %d processes (trained on %d): micro-batch %d x accumulation %d keeps the global batch %d",
              r.world_size, s.processes, s.micro_batch_size, s.grad_accum, global_batch)
 
@@ -560,14 +559,21 @@ def leave_batch_for_restart(r: Run, error: Exception) -> None:
     for the restart and let the exception end this process: torchrun's agent then ends the other
     ranks and the daemon restarts them all from the newest checkpoint."""
     s = r.state
-    new_mbs = halved_divisor(s.micro_batch_size, s.micro_batch_size * s.grad_accum)
-    if new_mbs is None:
+    smaller = batchsize.halved(s.micro_batch_size, s.grad_accum)
+    if smaller is None:
         raise TrainingError(f"out of memory on rank {r.rank} at step {s.step + 1} with micro-batch 1 ({error}); "
                             "lower data.max_seq_len or use a larger GPU") from None
-    accum = s.micro_batch_size * s.grad_accum // new_mbs
+    new_mbs, accum = smaller
     runs.write_restart_batch(r.run_dir, new_mbs, accum, r.world_size, reason="oom")
     log.error("rank %d: out of memory in the synchronising micro-batch of step %d; all ranks restart from the "
               "newest checkpoint with micro-batch %d x accumulation %d", r.rank, s.step + 1, new_mbs, accum)
+
+
+def remember_batch(r: Run, reason: str) -> None:
+    """The batch size now, for workers restarted from an older checkpoint (apply_restart_batch):
+    a command or an OOM recovery since that checkpoint must not be undone by a restart."""
+    if r.is_main:
+        runs.write_restart_batch(r.run_dir, r.state.micro_batch_size, r.state.grad_accum, r.world_size, reason)
 
 
 def recover_from_oom(r: Run, error: Exception) -> None:
@@ -576,23 +582,19 @@ def recover_from_oom(r: Run, error: Exception) -> None:
     if r.device.type == "cuda":
         torch.cuda.empty_cache()
     old_mbs, old_accum = r.state.micro_batch_size, r.state.grad_accum
-    new_mbs = halved_divisor(old_mbs, old_mbs * old_accum)
-    if new_mbs is None:
+    smaller = batchsize.halved(old_mbs, old_accum)
+    if smaller is None:
         r.sinks.event("oom_fatal", step=r.state.step + 1, micro_batch_size=old_mbs)
         raise TrainingError(
             f"out of memory at step {r.state.step + 1} with micro-batch 1 ({error}). Lower data.max_seq_len, "
             "keep train.grad_checkpointing on, train fewer LoRA targets (lora.target_modules), or use a larger GPU"
         ) from None
-    r.state.micro_batch_size, r.state.grad_accum = new_mbs, old_mbs * old_accum // new_mbs
+    r.state.micro_batch_size, r.state.grad_accum = smaller
+    remember_batch(r, "oom")
     log.warning("out of memory at step %d: micro-batch %d -> %d, accumulation %d -> %d; redoing the step",
-                r.state.step + 1, old_mbs, new_mbs, old_accum, r.state.grad_accum)
-    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=new_mbs, grad_accum=r.state.grad_accum,
+                r.state.step + 1, old_mbs, smaller[0], old_accum, smaller[1])
+    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=smaller[0], grad_accum=smaller[1],
                   previous_micro_batch_size=old_mbs, previous_grad_accum=old_accum)
-
-
-def halved_divisor(micro_batch_size: int, global_batch: int) -> int | None:
-    """The largest divisor of the global batch that is at most half the micro-batch, or None."""
-    return next((m for m in range(micro_batch_size // 2, 0, -1) if global_batch % m == 0), None)
 
 
 def parse_injected_oom(spec: str, rank: int = 0) -> dict[int, int]:
@@ -802,44 +804,49 @@ def apply_commands(r: Run) -> None:
 
 
 def apply(r: Run, command: Command) -> dict[str, Any]:
-    if command.name == "pause":
-        r.paused = True
-        if command.args.get("release_memory") and r.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"paused": True}
-    if command.name == "resume":
-        r.paused = False
-        return {"paused": False}
-    if command.name == "checkpoint":
-        save(r)
-        path = r.run_dir / "checkpoints" / f"checkpoint-{r.state.step}"
-        if r.is_main and not path.is_dir():
-            raise TrainingError(f"the checkpoint of step {r.state.step} was not written (the checkpoint_skipped event "
-                                "says why); it is tried again at the next checkpoint boundary")
-        return {"path": str(path)}
-    if command.name == "stop":
-        r.stopping = True
-        return {"stopping": True}
-    if command.name == "set_batch_size":
-        return set_micro_batch_size(r, **command.args)
-    raise ValueError(f"unknown command {command.name!r}")
+    """Apply one command (its arguments complete: Controls filled in the defaults); the result
+    goes into the command_applied event and the reply. `paused` in it is the run's state, which
+    the daemon follows."""
+    return HANDLERS[command.name](r, **command.args)
 
 
-def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool = True) -> dict[str, Any]:
-    if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+def pause_run(r: Run, release_memory: bool) -> dict[str, Any]:
+    r.paused = True
+    if release_memory and r.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"paused": True}
+
+
+def resume_run(r: Run) -> dict[str, Any]:
+    r.paused = False
+    return {"paused": False}
+
+
+def checkpoint_now(r: Run) -> dict[str, Any]:
+    save(r)
+    path = r.run_dir / "checkpoints" / f"checkpoint-{r.state.step}"
+    if r.is_main and not path.is_dir():
+        raise TrainingError(f"the checkpoint of step {r.state.step} was not written (the checkpoint_skipped event "
+                            "says why); it is tried again at the next checkpoint boundary")
+    return {"path": str(path)}
+
+
+def stop_run(r: Run) -> dict[str, Any]:
+    r.stopping = True
+    return {"stopping": True}
+
+
+def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool) -> dict[str, Any]:
     s = r.state
-    global_batch = s.micro_batch_size * s.grad_accum
-    if keep_global_batch:
-        if global_batch % micro_batch_size:
-            options = [m for m in range(1, global_batch + 1) if global_batch % m == 0]
-            raise ValueError(f"micro-batch {micro_batch_size} does not divide the global batch {global_batch} "
-                             f"(per process); choose one of {options}, or allow the global batch to change")
-        s.micro_batch_size, s.grad_accum = micro_batch_size, global_batch // micro_batch_size
-    else:
-        s.micro_batch_size = micro_batch_size
+    s.micro_batch_size, s.grad_accum = batchsize.change(s.micro_batch_size, s.grad_accum, micro_batch_size,
+                                                    keep_global_batch)
+    remember_batch(r, "command")
     return {"micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
             "global_batch": s.micro_batch_size * s.grad_accum * r.world_size, **fitting.replan(r)}
+
+
+HANDLERS = {"pause": pause_run, "resume": resume_run, "checkpoint": checkpoint_now, "stop": stop_run,
+            "set_batch_size": set_micro_batch_size}  # the commands of shared.protocol.COMMANDS that are not read-only
 
 
 # --- the end: final adapter and an inference check ------------------------------------------------

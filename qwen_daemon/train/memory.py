@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+from shared import batchsize
+
 GIB = 1 << 30
 PROBE_TOKENS = 8192  # the first probe's tokens at most (the second has twice as many)
 PROBE_WHOLE_LAYERS = 4  # layers kept whole in the third probe
@@ -116,17 +118,13 @@ def speed(tokens: int, checkpointed: int, layers: int, gpu_scale: float = 1.0) -
     return tokens / (host ** OVERLAP_POWER + gpu ** OVERLAP_POWER) ** (1 / OVERLAP_POWER)
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def choose(model: MemoryModel, budget: float, seq_len: int, per_rank_batch: int, *,
            micro_batch_size: int | None = None, checkpointed: int | None = None,
            offload: bool | None = None, host_bytes: float | None = None, gpu_scale: float = 1.0) -> Plan:
     """The fastest plan predicted to fit `budget` bytes. `micro_batch_size`, `checkpointed` and
     `offload` fix what the config fixes (None = auto); `host_bytes` bounds what offloading may
     keep in host memory. Raises MemoryPlanError when nothing fits."""
-    sizes = [micro_batch_size] if micro_batch_size else divisors(per_rank_batch)
+    sizes = [micro_batch_size] if micro_batch_size else batchsize.divisors(per_rank_batch)
     counts = [checkpointed] if checkpointed is not None else range(model.layers + 1)
     offloads = [offload] if offload is not None else [False, True]
     best, best_speed = None, -1.0

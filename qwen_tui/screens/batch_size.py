@@ -9,19 +9,19 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Static
 
+from shared import batchsize
+
 
 def preview(micro_batch_size: int, grad_accum: int, processes: int, new: int | None, keep_global: bool) -> tuple[str, bool]:
-    """What the change does, and whether it can be applied (the daemon checks the same rule)."""
-    per_process = micro_batch_size * grad_accum
-    if new is None or new < 1:
+    """What the change does, and whether it can be applied: the daemon's own rule (shared.batchsize)."""
+    if new is None:
         return "type a micro-batch size (a positive integer)", False
-    if keep_global:
-        if per_process % new:
-            options = ", ".join(str(m) for m in range(1, per_process + 1) if per_process % m == 0)
-            return f"{new} does not divide {per_process} (micro-batch × accumulation); choose one of {options}", False
-        accum = per_process // new
-        return f"→ micro-batch {new} × accumulation {accum} = global batch {new * accum * processes} (unchanged)", True
-    return f"→ micro-batch {new} × accumulation {grad_accum} = global batch {new * grad_accum * processes}", True
+    try:
+        mbs, accum = batchsize.change(micro_batch_size, grad_accum, new, keep_global)
+    except ValueError as e:
+        return str(e), False
+    unchanged = " (unchanged)" if keep_global else ""
+    return f"→ micro-batch {mbs} × accumulation {accum} = global batch {mbs * accum * processes}{unchanged}", True
 
 
 class BatchSizeScreen(ModalScreen[dict | None]):
