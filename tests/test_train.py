@@ -230,6 +230,7 @@ def test_pause_checkpoint_and_batch_size_apply_at_one_step_boundary(tmp_path, da
     assert (steps[2]["micro_batch_size"], steps[2]["grad_accum"]) == (1, 4)
     applied = [d["command"] for kind, d in recorder.events if kind == "command_applied"]
     assert applied == ["pause", "checkpoint", "set_batch_size", "resume"]
+    assert not (run_dir(cfg) / "restart_batch.json").exists()  # written by the change, gone with the next checkpoint
     assert [d["command"] for kind, d in recorder.events if kind == "command_failed"] == ["set_batch_size"]
 
 

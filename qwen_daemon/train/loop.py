@@ -719,6 +719,8 @@ def save(r: Run) -> Path | None:
         r.sinks.event("checkpoint_skipped", step=r.state.step, error=str(e))
         return None
     r.sinks.event("checkpoint", step=r.state.step, path=str(path))
+    if r.is_main:  # the checkpoint holds the batch size now (remember_batch)
+        (r.run_dir / runs.RESTART_BATCH).unlink(missing_ok=True)
     warn_of_disk(r, path)
     return path
 
