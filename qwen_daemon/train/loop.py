@@ -433,10 +433,7 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     # An empty share (a rank at the end of an epoch) becomes sample 0 with weight 0: the rank
     # still runs the micro-batch, so that its collectives pair up with the other ranks'.
     weights = [1.0 if micro_batch else 0.0 for micro_batch in batches]
-    collated = [collate([[ds[i] for i in unit] for unit in micro_batch or [[0]]], packing=r.cfg.data.packing,
-                        pad_token_id=r.tokenizer.pad_token_id,
-                        flash_attention=r.flat)
-                for micro_batch in batches]
+    collated = [collate_for(r, [[ds[i] for i in unit] for unit in micro_batch or [[0]]]) for micro_batch in batches]
     label_tokens = sum(c["num_label_tokens"] for c, w in zip(collated, weights) if w)
     if r.world_size > 1:  # normalise by the whole step's label tokens on all ranks
         n = torch.tensor(label_tokens, device=r.device)
@@ -460,7 +457,6 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             maybe_inject_oom(r, i)
             if failed is not None:
                 continue  # on to the agreement without computing, so that no rank waits for us
-            inputs = model_inputs(batch, r.device)
             # Only the last micro-batch goes through DDP, whose backward reduces the gradients the
             # step accumulated. The others call the model itself: like DDP's no_sync(), but with no
             # collective at all (DDP's forward may rebuild its buckets, a broadcast), so that a rank
@@ -469,8 +465,7 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             if r.sharded:  # FSDP reduce-scatters the accumulated gradients after the last one
                 r.model.set_requires_gradient_sync(last)
             began = time.perf_counter()
-            with autocast(r):
-                loss = model(**inputs, use_cache=False, num_items_in_batch=max(1, label_tokens)).loss
+            loss = forward(r, batch, label_tokens, model)
             # The loss is normalised by the whole step's label tokens on all ranks; DDP averages
             # gradients over ranks, so scale by world_size to get their sum.
             loss = loss * weights[i]
@@ -499,8 +494,10 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
 
 def probe_step(r: Run, tokens: int, seed: int = 0) -> None:
     """Forward and backward of a synthetic micro-batch of `tokens` random tokens laid out as
-    training lays out data (rows of data.max_seq_len, two samples in each packed row), then
-    the gradients dropped: what the memory probe measures. Runs the model itself, never the DDP
+    training lays out data (rows of data.max_seq_len, two samples of unequal length in each
+    packed row: the varlen attention kernel that packed data takes, which needs more memory than
+    the causal-rows path of equal lengths), then the gradients dropped: what the memory probe
+    measures. Runs the model itself, never the DDP
     wrapper (no collective)."""
     seq = r.cfg.data.max_seq_len
     g = torch.Generator().manual_seed(seed)
@@ -510,13 +507,24 @@ def probe_step(r: Run, tokens: int, seed: int = 0) -> None:
         return {"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist(), "prompt_len": 0}
 
     lengths = [min(seq, tokens - start) for start in range(0, tokens, seq)]
-    units = [[sample(n - n // 2), sample(n // 2)] if r.cfg.data.packing and n > 1 else [sample(n)] for n in lengths]
-    batch = collate(units, packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id, flash_attention=r.flat)
-    with autocast(r):
-        loss = r.model(**model_inputs(batch, r.device), use_cache=False,
-                       num_items_in_batch=max(1, batch["num_label_tokens"])).loss
-    loss.backward()
+    units = [[sample(n - n // 3), sample(n // 3)] if r.cfg.data.packing and n > 2 else [sample(n)] for n in lengths]
+    forward(r, collate_for(r, units)).backward()
     r.model.zero_grad(set_to_none=True)
+
+
+def collate_for(r: Run, units: list[list[dict]]) -> dict:
+    """One micro-batch's tensors, laid out as this run trains (packing, varlen rows)."""
+    return collate(units, packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id, flash_attention=r.flat)
+
+
+def forward(r: Run, batch: dict, label_tokens: int | None = None, model=None) -> torch.Tensor:
+    """The loss of one collated micro-batch: its summed token losses over `label_tokens` (the
+    step's on every rank; by default the batch's own, i.e. its mean token loss). Training,
+    evaluation and the memory probe all go through here; `model`: the DDP wrapper, where used."""
+    with autocast(r):
+        return (model or r.model)(**model_inputs(batch, r.device), use_cache=False,
+                                  num_items_in_batch=max(1, batch["num_label_tokens"] if label_tokens is None
+                                                         else label_tokens)).loss
 
 
 def autocast(r: Run):
@@ -663,14 +671,10 @@ def evaluate(r: Run) -> float | None:
         # nothing left runs the first unit again and does not count it.
         for start in range(r.rank * mbs, math.ceil(len(units) / per_round) * per_round, per_round):
             share = units[start:start + mbs]
-            batch = collate([[ds[i] for i in unit] for unit in share or units[:1]],
-                            packing=r.cfg.data.packing, pad_token_id=r.tokenizer.pad_token_id,
-                            flash_attention=r.flat)
-            inputs = model_inputs(batch, r.device)
-            with autocast(r):
-                out = r.model(**inputs, use_cache=False, num_items_in_batch=max(1, batch["num_label_tokens"]))
+            batch = collate_for(r, [[ds[i] for i in unit] for unit in share or units[:1]])
+            loss = forward(r, batch)
             if share:
-                loss_sum += out.loss.item() * batch["num_label_tokens"]
+                loss_sum += loss.item() * batch["num_label_tokens"]
                 label_tokens += batch["num_label_tokens"]
     r.model.train()
     if r.world_size > 1:
