@@ -310,6 +310,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for run in found:
         state = (runs.read_json(run / runs.DAEMON_JSON) or {}).get("state", "-")
         live = runs.live_daemon(run)
+        if live is None and state not in (*protocol.FINAL_STATES, "-"):
+            state = "dead"  # its daemon was killed mid-run: `start --resume` goes on from the last checkpoint
         print(f"{run.name:40} {state:10} step {runs.last_step(run):>7} pid {live['pid'] if live else '-'}")
     return 0
 

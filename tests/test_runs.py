@@ -120,6 +120,18 @@ def test_runs_are_found_by_name_or_path(runs_root):
     assert runs.find_run(None, runs_root) is None  # no daemon is alive
 
 
+def test_list_says_dead_for_a_run_whose_daemon_was_killed_mid_run(runs_root, capsys):
+    from qwen_daemon import cli
+
+    dead_pid = 2**31 - 2  # no such process
+    (runs_root / "demo-1" / runs.DAEMON_JSON).write_text(json.dumps({"pid": dead_pid, "state": "training"}))
+    (runs_root / "demo-2" / runs.DAEMON_JSON).write_text(json.dumps({"pid": dead_pid, "state": "finished"}))
+    (runs_root / "demo-2" / runs.METRICS).write_text(json.dumps({"kind": "train", "step": 7}) + "\n")
+    assert cli.main(["list", "--runs-root", str(runs_root)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows == [["demo-1", "dead", "step", "0", "pid", "-"], ["demo-2", "finished", "step", "7", "pid", "-"]]
+
+
 def test_json_files_read_offline(tmp_path):
     (tmp_path / "ok.json").write_text('{"state": "finished"}')
     (tmp_path / "cut.json").write_text('{"state": "fin')
