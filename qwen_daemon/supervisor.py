@@ -33,7 +33,7 @@ import zmq
 
 from shared import batchsize, protocol, runs
 from shared.config import load_config
-from qwen_daemon import gpu, launch, wire
+from qwen_daemon import gpu, launch, retained, wire
 
 log = logging.getLogger("qwen_daemon.supervisor")
 
@@ -101,7 +101,7 @@ class Supervisor:
                 self.add_metric(record)
         self.logs: collections.deque = collections.deque(maxlen=KEEP_LOGS)
         self.events: collections.deque = collections.deque(maxlen=KEEP_EVENTS)
-        self.replies = protocol.ReplyCache()
+        self.replies = retained.ReplyCache()
         self.forwarded: dict[int, tuple] = {}  # internal id -> (route, request id, cmd, client socket)
         self.next_id = 0
         self.restarts = 0
@@ -382,7 +382,7 @@ class Supervisor:
         return {"seq": self.seq, "state": self.state, "run": self.cfg.run.name, "status": status,
                 "config": {"model": self.cfg.model.name_or_path, "max_seq_len": self.cfg.data.max_seq_len,
                            "lora_r": self.cfg.lora.r, "learning_rate": self.cfg.train.learning_rate},
-                "gpu": self.gpu, "metrics": protocol.downsample(self.metrics), "logs": list(self.logs),
+                "gpu": self.gpu, "metrics": retained.downsample(self.metrics), "logs": list(self.logs),
                 "events": list(self.events)}
 
     def handle_worker_reply(self, reply: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 import zmq
 
+from qwen_daemon import retained
 from shared import protocol as p
 from shared.protocol import ProtocolError
 
@@ -350,7 +351,7 @@ def test_split_route_refuses_anything_else(frames):
 # --- retries ----------------------------------------------------------------------------------------
 
 def test_reply_cache_replays_a_reply_per_peer_and_id():
-    cache = p.ReplyCache()
+    cache = retained.ReplyCache()
     assert cache.get(b"peer-a", "1") is None and not cache.pending(b"peer-a", "1")
     cache.begin(b"peer-a", "1")
     assert cache.pending(b"peer-a", "1") and cache.get(b"peer-a", "1") is None  # in flight: drop retries
@@ -362,7 +363,7 @@ def test_reply_cache_replays_a_reply_per_peer_and_id():
 
 
 def test_reply_cache_evicts_the_least_recently_used_by_count_and_by_bytes():
-    cache = p.ReplyCache(max_entries=3, max_bytes=1000)
+    cache = retained.ReplyCache(max_entries=3, max_bytes=1000)
     for i in range(3):
         cache.put(b"c", i, b"r%d" % i)
     cache.get(b"c", 0)  # 0 is now the most recent
@@ -387,7 +388,7 @@ def history_of(steps, eval_every=500):
 
 def test_downsample_keeps_recent_steps_evals_first_and_last():
     history = history_of(20_000)
-    kept = p.downsample(history, recent=2000, budget=500)
+    kept = retained.downsample(history, recent=2000, budget=500)
     steps = [r["step"] for r in kept if r["kind"] == "train"]
     assert steps == sorted(steps) and kept[0] is history[0] and kept[-1] is history[-1]
     assert set(range(18_001, 20_001)) <= set(steps)  # the last 2,000 steps, all of them
@@ -400,17 +401,17 @@ def test_downsample_keeps_recent_steps_evals_first_and_last():
 
 def test_downsample_leaves_a_short_history_alone():
     history = history_of(3000)
-    assert p.downsample(history) == history
-    assert p.downsample([]) == []
+    assert retained.downsample(history) == history
+    assert retained.downsample([]) == []
     trains = [r for r in history if r["kind"] == "train"]
-    assert p.downsample(trains, recent=0, budget=0) == [trains[0], trains[-1]]
-    assert p.downsample(trains, recent=10, budget=1) == [trains[0]] + trains[-10:]
+    assert retained.downsample(trains, recent=0, budget=0) == [trains[0], trains[-1]]
+    assert retained.downsample(trains, recent=10, budget=1) == [trains[0]] + trains[-10:]
 
 
 def test_downsample_keeps_the_newest_part_whole_after_a_resume_repeated_steps():
     # Steps 1..3000, then a resume from the checkpoint at 2500 runs 2501..4000 again.
     history = history_of(3000) + [train_record(s) for s in range(2501, 4001)]
-    kept = p.downsample(history, recent=1000, budget=100)
+    kept = retained.downsample(history, recent=1000, budget=100)
     assert kept[-1000:] == history[-1000:]
 
 
@@ -419,7 +420,7 @@ def test_a_100000_step_snapshot_is_under_5_mb_and_quick():
     started = time.perf_counter()
     snapshot = {"seq": 123456, "state": "training", "run": "demo",
                 "config": {"model": "Qwen/Qwen3-4B-Thinking-2507", "lora": {"r": 16, "alpha": 32}},
-                "metrics": p.downsample(history),
+                "metrics": retained.downsample(history),
                 "logs": [{**BODIES["log"], "ts": 1.0}] * 500, "events": [{**BODIES["event"], "ts": 1.0}] * 200}
     frame = p.encode_reply("snap", snapshot)
     took = time.perf_counter() - started
@@ -479,7 +480,7 @@ class FakeDaemon(threading.Thread):
         self.router.bind("tcp://127.0.0.1:*")
         self.pub.bind("tcp://127.0.0.1:*")
         self.seq, self.step, self.state, self.done = 0, 10, "training", threading.Event()
-        self.cache = p.ReplyCache()
+        self.cache = retained.ReplyCache()
         info = {"pid": 1, "state": "training", "protocol": p.VERSION, "started_at": time.time(),
                 "endpoints": {"control": self.router.LAST_ENDPOINT.decode(),
                               "telemetry": self.pub.LAST_ENDPOINT.decode()}}
@@ -495,7 +496,7 @@ class FakeDaemon(threading.Thread):
             return {"run": "demo", "state": self.state, "step": self.step, "total_steps": 15}
         if cmd == "snapshot":
             return {"seq": self.seq, "state": self.state, "run": "demo", "config": {}, "logs": [], "events": [],
-                    "metrics": p.downsample([train_record(s, total=15) for s in range(1, self.step + 1)])}
+                    "metrics": retained.downsample([train_record(s, total=15) for s in range(1, self.step + 1)])}
         return {"step": self.step, "paused": cmd == "pause"}
 
     def run(self):
