@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -194,7 +196,7 @@ def atomic_directory(target: Path, keep_existing: Callable[[Path], bool] = lambd
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     aside = target.with_name(f".old-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)  # of a dead process that had our pid
+    recover_leftovers(target)
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would make a shared cache unreadable to others
     try:
         yield tmp
@@ -218,6 +220,23 @@ def atomic_directory(target: Path, keep_existing: Callable[[Path], bool] = lambd
         shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_leftovers(target: Path) -> None:
+    """What builds of `target` by processes that died left beside it (atomic_directory's names):
+    a set-aside `.old-` directory goes back when the target is missing (the builder died between
+    its two renames), the rest is removed (a killed build can hold gigabytes). Leftovers of a
+    process that is alive are left alone; this process's own are stale (one build at a time)."""
+    pattern = re.compile(rf"\.(tmp|old)-{re.escape(target.name)}-([0-9]+)")
+    for entry in sorted(target.parent.glob(f".*-{glob.escape(target.name)}-*")):
+        m = pattern.fullmatch(entry.name)
+        if not m or (int(m.group(2)) != os.getpid() and pid_alive(int(m.group(2)))):
+            continue
+        if m.group(1) == "old" and not target.exists():
+            os.rename(entry, target)
+            fsync_path(target.parent)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def fsync_path(path: Path) -> None:

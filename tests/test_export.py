@@ -217,11 +217,13 @@ def test_a_failed_export_leaves_nothing_half_written(run, tmp_path, monkeypatch,
 
 
 def test_a_killed_exports_leftovers_are_removed(run, tmp_path, quick_merge):
-    for leftover in (".out.partial", ".out.old"):
+    dead = 2**31 - 2  # no such process
+    for leftover in (f".tmp-out-{dead}", f".old-out-{dead}", f".tmp-out2-{dead}"):
         (tmp_path / leftover).mkdir()
         (tmp_path / leftover / "model.safetensors").write_text("half")
-    export_run(run, "merged", out=tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "out").mkdir()  # the export being replaced: the set-aside old one is not put back
+    export_run(run, "merged", out=tmp_path / "out", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-out2-{dead}", "out"]  # another target's
 
 
 def test_too_little_disk_space_is_refused_before_loading_anything(run, tmp_path, monkeypatch):

@@ -93,6 +93,23 @@ def test_a_finished_concurrent_build_is_kept_and_a_stale_one_replaced(tmp_path):
     assert entries(tmp_path) == ["thing"]
 
 
+def test_a_dead_builders_leftovers_are_recovered_before_the_next_build(tmp_path):
+    dead, alive = 2**31 - 2, os.getppid()
+    target = tmp_path / "thing"
+    make_dir(tmp_path / f".old-thing-{dead}", "set aside")  # died between its two renames
+    make_dir(tmp_path / f".tmp-thing-{dead}", "half")
+    make_dir(tmp_path / f".tmp-thing-{alive}", "building")  # another live process: left alone
+    make_dir(tmp_path / f".tmp-thing2-{dead}", "another target's")
+    runs.recover_leftovers(target)
+    assert (target / "file").read_text() == "set aside"
+    assert entries(tmp_path) == [f".tmp-thing-{alive}", f".tmp-thing2-{dead}", "thing"]
+    make_dir(tmp_path / f".old-thing-{dead}", "older")  # the target exists now: removed
+    with runs.atomic_directory(target) as tmp:
+        (tmp / "file").write_text("new")
+    assert (target / "file").read_text() == "new"
+    assert entries(tmp_path) == [f".tmp-thing-{alive}", f".tmp-thing2-{dead}", "thing"]
+
+
 def test_a_restart_batch_is_written_whole(tmp_path):
     runs.write_restart_batch(tmp_path, 4, 2, 1, reason="oom")
     assert json.loads((tmp_path / runs.RESTART_BATCH).read_text()) == {

@@ -14,7 +14,7 @@ memory), f16 or q8_0; q4_k_m is quantised from the f16 file by llama.cpp (`llama
 or a Python with llama-cpp-python), which the `gguf` package does not contain. An Ollama Modelfile
 with the same chat template goes next to the file.
 
-Every export is written into `.<out>.partial` beside `out` and renamed to `out` only when complete:
+Every export is written into `.tmp-<out>-<pid>` beside `out` (runs.atomic_directory) and renamed to `out` when complete:
 a failed or killed export leaves nothing under the final name, and `force` replaces an old export
 only once the new one is whole. One export per output directory at a time.
 """
@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from qwen_daemon.train.evaluate import EvaluationError, adapter_dir
+from shared import runs
 from shared.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -536,25 +537,13 @@ def model_card(cfg: Config, run_dir: Path, adapter: Path, merged_dir: Path, chec
 
 @contextlib.contextmanager
 def _staging(out: Path, force: bool):
-    """`with _staging(out, force) as tmp:` write into `.<out>.partial`, renamed to `out` when the
-    block succeeds and deleted when it fails. An existing `out` is refused unless `force`, and then
-    replaced only once the new export is complete."""
+    """`with _staging(out, force) as tmp:` the export built whole or not at all beside `out`
+    (runs.atomic_directory: leftovers of a killed export removed first). An existing `out` is
+    refused unless `force`, and then replaced only once the new export is complete."""
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it, or --out another directory")
-    tmp, old = out.with_name(f".{out.name}.partial"), out.with_name(f".{out.name}.old")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in (tmp, old):  # of an export that was killed: they can hold gigabytes
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with runs.atomic_directory(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_disk(directory: Path, need: float) -> None:
