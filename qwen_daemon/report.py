@@ -666,12 +666,7 @@ def write_report(run_dir: Path) -> Path:
     run = load_run(run_dir)
     page = render(run, summarise(run), charts(run))
     path = run.run_dir / REPORT
-    tmp = run.run_dir / f".{REPORT}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # (gone after the replace; left only by a failed write)
+    runs.write_text_atomic(path, page)
     return path
 
 

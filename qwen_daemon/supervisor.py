@@ -174,9 +174,7 @@ class Supervisor:
                 "run": self.cfg.run.name, "endpoints": {"control": self.endpoints["control"],
                                                         "telemetry": self.endpoints["telemetry"],
                                                         "tcp": getattr(self, "tcp", [])}}
-        tmp = self.run_dir / f".{runs.DAEMON_JSON}.tmp"
-        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-        os.replace(tmp, self.run_dir / runs.DAEMON_JSON)
+        runs.write_text_atomic(self.run_dir / runs.DAEMON_JSON, json.dumps(info, indent=2))
 
     # --- publishing and state --------------------------------------------------------------------
 

@@ -176,8 +176,11 @@ def _records(lines: Iterable[str]) -> list[dict]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file whole or not at all: a temporary file beside it, then renamed over it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # (gone after the replace; left only by a failed write)
 
 
 @contextmanager

@@ -110,6 +110,15 @@ def test_a_dead_builders_leftovers_are_recovered_before_the_next_build(tmp_path)
     assert entries(tmp_path) == [f".tmp-thing-{alive}", f".tmp-thing2-{dead}", "thing"]
 
 
+def test_a_text_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "daemon.json"
+    runs.write_text_atomic(path, "old")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        runs.write_text_atomic(path, "new")
+    assert path.read_text() == "old" and entries(tmp_path) == ["daemon.json"]
+
+
 def test_a_restart_batch_is_written_whole(tmp_path):
     runs.write_restart_batch(tmp_path, 4, 2, 1, reason="oom")
     assert json.loads((tmp_path / runs.RESTART_BATCH).read_text()) == {
