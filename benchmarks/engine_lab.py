@@ -65,8 +65,6 @@ class Lab:
         self.model = load_model(self.cfg, self.device)
         self.optimizer = loop.make_optimizer(self.model, self.cfg)
         self.autocast = False
-        self.liger_norms = {m: m.__dict__.get("forward") for m in self.model.modules()
-                            if type(m).__name__.endswith("RMSNorm")}
         self.emit({"kind": "setup", "load_s": round(time.time() - started, 1), "torch": torch.__version__,
                    **({"gpu": torch.cuda.get_device_name(0), "allocated_gib": torch.cuda.memory_allocated() / GIB}
                       if self.cuda else {}), **versions()})
@@ -95,18 +93,19 @@ class Lab:
 
     def configure(self, *, fused_on: bool = True, dropout: float = 0.0, checkpointed: int | None = None,
                   offload: bool = False, attn: str = "sdpa", autocast: bool | None = None,
-                  optimizer: str = "adamw", rms_norm: str = "liger") -> None:
+                  optimizer: str = "adamw", rms_norm: str = "torch") -> None:
         from qwen_daemon.train import attention, fused
         from qwen_daemon.train.checkpointing import set_checkpointing
         from qwen_daemon.train.model import torch_rms_norm
 
-        if rms_norm == "torch":
+        if rms_norm == "torch":  # (what load_model does)
             torch_rms_norm(self.model)
-        else:
-            for module, forward in self.liger_norms.items():
-                module.__dict__.pop("forward", None)
-                if forward is not None:
-                    module.forward = forward
+        else:  # liger's, as its Qwen3 patch binds it to every norm (a private helper: a lab only)
+            from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module
+
+            for module in self.model.modules():
+                if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+                    _patch_rms_norm_module(module)
 
         fused.unfuse(self.model)
         if fused_on:

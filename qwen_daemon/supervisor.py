@@ -4,8 +4,9 @@
 
 One thread, one poll loop (the ZeroMQ guide's style): client requests on the ROUTER socket,
 worker telemetry (command replies included) on a PULL socket, commands to rank 0 on a PAIR socket
-(frames: qwen_daemon/wire.py), and a tick every second for the `gpu` and `heartbeat` topics. Everything published goes through `publish`, which also keeps
-the history that `snapshot` returns, so a snapshot is exactly the messages up to its seq.
+(frames: qwen_daemon/wire.py), and a tick every second for the `gpu` and `heartbeat` topics.
+Everything published goes through `publish`, which also keeps the history that `snapshot`
+returns, so a snapshot is exactly the messages up to its seq.
 
 A worker that dies (killed, segfault) is restarted from the newest valid checkpoint up to
 `daemon.max_restarts` times, each restart an event; then the run is `failed`. A worker that exits with

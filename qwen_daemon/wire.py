@@ -48,8 +48,9 @@ def read_telemetry(frame: bytes) -> tuple[str, dict[str, Any]]:
 
 def reply(id: int, result: dict[str, Any] | None = None, error: str | None = None) -> dict[str, Any]:
     """The body of a `reply` telemetry message: the command `id` applied (result) or not (error)."""
-    return {"id": id, "ok": False, "error": error} if error is not None else {"id": id, "ok": True,
-                                                                              "result": result or {}}
+    if error is not None:
+        return {"id": id, "ok": False, "error": error}
+    return {"id": id, "ok": True, "result": result or {}}
 
 
 def command(id: int, cmd: str, args: dict[str, Any] | None = None) -> bytes:

@@ -5,7 +5,7 @@
 Telemetry (metrics, events, log records) goes to the supervisor's PULL socket through one sender
 thread fed by a bounded queue: training never waits for the supervisor, and when the queue is
 full messages are dropped (counted). Commands arrive on a PAIR socket, owned by a command thread
-that turns each into a `Controls` call and sends the reply when the loop has applied it.
+that hands each to `Controls.submit`; the reply goes out when the loop has applied it.
 
 The frames, the environment it is started with and its exit codes are qwen_daemon/wire.py's.
 """
@@ -102,13 +102,14 @@ def torch_device_index() -> int:
 def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threading.Event,
                    telemetry: Telemetry) -> None:
     """Command thread: requests from the supervisor -> Controls.submit (rank 0 only: the loop
-    broadcasts commands to the other ranks). A command's reply goes out on the telemetry stream, from the
-    loop's thread the moment it applies the command, so it follows every record of the step it was
-    applied at (docs/protocol.md). Also sends this process's torch memory figures once a second
-    (every rank)."""
+    broadcasts commands to the other ranks). A command's reply goes out on the telemetry stream,
+    from the loop's thread the moment it applies the command, so it follows every record of the
+    step it was applied at (docs/protocol.md). Also sends this process's torch memory figures once
+    a second (every rank)."""
     sock = context.socket(zmq.PAIR)
     if RANK == 0:
         sock.connect(endpoint)
+
     def reply(id: int, future) -> None:
         error = future.exception()
         telemetry.send("reply", wire.reply(id, error=str(error)) if error else wire.reply(id, future.result()))

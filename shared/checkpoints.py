@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.runs import fsync_path, pid_alive
+from shared import runs
 
 log = logging.getLogger(__name__)
 
@@ -174,28 +173,18 @@ def latest_valid_checkpoint(run_dir: Path) -> Path | None:
 
 
 def recover_leftovers(root: Path) -> None:
-    """Clean up after writers that died mid-save: drop temporaries, put set-aside checkpoints back.
-
-    Leftovers of a running process (another pid that is alive) are left alone; our own pid's
-    are stale because a save in this process is never concurrent with this call.
-    """
-    me = os.getpid()
+    """Clean up after writers that died mid-save, for every step: their builds as
+    runs.recover_leftovers does (a set-aside checkpoint put back, temporaries removed), and what
+    retention was deleting. A running process's leftovers are left alone."""
     for entry in sorted(root.iterdir()):
         m = _LEFTOVER_RE.fullmatch(entry.name)
-        if not m:
+        if m is None or not entry.exists():  # (gone with an earlier entry of the same step)
             continue
-        kind, step, pid = m.group(1), int(m.group(2)), int(m.group(3))
-        if pid != me and pid_alive(pid):
-            continue
-        final = root / f"checkpoint-{step}"
-        if kind == "old" and not final.exists():
-            # The writer died between moving the old checkpoint aside and renaming the new one in.
-            os.rename(entry, final)
-            fsync_path(root)
-            log.warning("restored %s, set aside by an interrupted save (pid %d) that never replaced it", final, pid)
-        else:
+        if m.group(1) != "trash":
+            runs.recover_leftovers(root / f"checkpoint-{m.group(2)}")
+        elif runs.dead_or_mine(int(m.group(3))):
             shutil.rmtree(entry, ignore_errors=True)
-            log.warning("removed %s left behind by an interrupted save (pid %d)", entry, pid)
+            log.warning("removed %s left behind by an interrupted deletion (pid %s)", entry, m.group(3))
 
 
 def _sha256(path: Path) -> str:

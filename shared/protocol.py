@@ -60,7 +60,7 @@ _MINIMUM = {("set_batch_size", "micro_batch_size"): 1}
 
 def with_defaults(cmd: str, args: Mapping[str, Any]) -> dict[str, Any]:
     """A valid request's args with every optional argument that it left out at its default."""
-    return {**{name: default for name, (_, default) in COMMANDS[cmd].items() if default != REQUIRED}, **args}
+    return {**{name: default for name, (_, default) in COMMANDS[cmd].items() if default is not REQUIRED}, **args}
 
 
 ERROR_CODES = (
@@ -311,7 +311,7 @@ def _check_request(msg: Mapping[str, Any]) -> dict[str, Any]:
             raise error("bad_args", f"{cmd}: unknown argument {str(name)[:40]!r}; {takes}")
     for name, (kind, default) in spec.items():
         if name not in args:
-            if default == REQUIRED:
+            if default is REQUIRED:
                 raise error("bad_args", f"{cmd}: argument {name!r} is required ({kind.__name__})")
             continue
         value = args[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from shared.config import Config
 from shared.protocol import FINAL_STATES
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.yaml"
 DAEMON_JSON = "daemon.json"
@@ -233,13 +236,22 @@ def recover_leftovers(target: Path) -> None:
     pattern = re.compile(rf"\.(tmp|old)-{re.escape(target.name)}-([0-9]+)")
     for entry in sorted(target.parent.glob(f".*-{glob.escape(target.name)}-*")):
         m = pattern.fullmatch(entry.name)
-        if not m or (int(m.group(2)) != os.getpid() and pid_alive(int(m.group(2)))):
+        if not m or not dead_or_mine(int(m.group(2))):
             continue
         if m.group(1) == "old" and not target.exists():
             os.rename(entry, target)
             fsync_path(target.parent)
+            log.warning("restored %s, set aside by an interrupted build (pid %s) that never replaced it",
+                        target, m.group(2))
         else:
             shutil.rmtree(entry, ignore_errors=True)
+            log.warning("removed %s left behind by an interrupted build (pid %s)", entry, m.group(2))
+
+
+def dead_or_mine(pid: int) -> bool:
+    """Whether what process `pid` left is stale: it is gone, or it is this one (which builds one
+    thing at a time)."""
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 def fsync_path(path: Path) -> None:

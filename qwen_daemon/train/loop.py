@@ -497,8 +497,7 @@ def probe_step(r: Run, tokens: int, seed: int = 0) -> None:
     training lays out data (rows of data.max_seq_len, two samples of unequal length in each
     packed row: the varlen attention kernel that packed data takes, which needs more memory than
     the causal-rows path of equal lengths), then the gradients dropped: what the memory probe
-    measures. Runs the model itself, never the DDP
-    wrapper (no collective)."""
+    measures. Runs the model itself, never the DDP wrapper (no collective)."""
     seq = r.cfg.data.max_seq_len
     g = torch.Generator().manual_seed(seed)
     vocab = min(r.model.config.vocab_size, len(r.tokenizer))
@@ -597,11 +596,12 @@ def recover_from_oom(r: Run, error: Exception) -> None:
             f"out of memory at step {r.state.step + 1} with micro-batch 1 ({error}). Lower data.max_seq_len, "
             "keep train.grad_checkpointing on, train fewer LoRA targets (lora.target_modules), or use a larger GPU"
         ) from None
+    new_mbs, new_accum = smaller
     r.state.micro_batch_size, r.state.grad_accum = smaller
     remember_batch(r, "oom")
     log.warning("out of memory at step %d: micro-batch %d -> %d, accumulation %d -> %d; redoing the step",
-                r.state.step + 1, old_mbs, smaller[0], old_accum, smaller[1])
-    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=smaller[0], grad_accum=smaller[1],
+                r.state.step + 1, old_mbs, new_mbs, old_accum, new_accum)
+    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=new_mbs, grad_accum=new_accum,
                   previous_micro_batch_size=old_mbs, previous_grad_accum=old_accum)
 
 
@@ -851,8 +851,9 @@ def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool)
             "global_batch": s.micro_batch_size * s.grad_accum * r.world_size, **fitting.replan(r)}
 
 
+# One handler per command of shared.protocol.COMMANDS that is not read-only.
 HANDLERS = {"pause": pause_run, "resume": resume_run, "checkpoint": checkpoint_now, "stop": stop_run,
-            "set_batch_size": set_micro_batch_size}  # the commands of shared.protocol.COMMANDS that are not read-only
+            "set_batch_size": set_micro_batch_size}
 
 
 # --- the end: final adapter and an inference check ------------------------------------------------
