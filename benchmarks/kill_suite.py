@@ -135,10 +135,11 @@ def verified_resumes(run: Path) -> list[str]:
     return problems
 
 
-def kill_once(run: Path, rng: random.Random, started: float, reference_s: float) -> dict:
-    """One SIGKILL at a random moment of the run; returns what was killed and when."""
+def kill_once(run: Path, rng: random.Random, started: float, reference_s: float, target: str | None = None) -> dict:
+    """One SIGKILL of `target` (the daemon or the worker; by default either) at a random moment
+    of the run; returns what was killed and when."""
     moment = rng.choice(["delay", "delay", "evaluating", "saving"])
-    target = rng.choice(["daemon", "worker"])
+    target = target or rng.choice(["daemon", "worker"])
     if moment == "delay":
         delay = rng.uniform(0.0, 0.7 * reference_s)  # (the last 30% is the end of the run: rarely reached)
         wait_for(lambda: time.monotonic() - started > delay or ended(run), reference_s * 2, poll=0.05)
@@ -161,12 +162,15 @@ def kill_once(run: Path, rng: random.Random, started: float, reference_s: float)
                            default=0)}
 
 
-def trial(runs: Path, name: str, rng: random.Random, reference: dict[int, float], reference_s: float) -> dict:
+def trial(runs: Path, name: str, rng: random.Random, reference: dict[int, float], reference_s: float,
+          order: list[str] | None = None) -> dict:
+    """`order`: what to kill, in turn (e.g. the daemon, then after the resume the worker); by
+    default once or twice, either."""
     run = runs / name
     start(runs, name)
     kills, orphans, resumes = [], [], 0
-    for _ in range(rng.choice([1, 1, 2])):
-        kill = kill_once(run, rng, time.monotonic(), reference_s)
+    for target in order or [None] * rng.choice([1, 1, 2]):
+        kill = kill_once(run, rng, time.monotonic(), reference_s, target)
         kills.append(kill)
         if not kill["killed"]:
             break
@@ -211,6 +215,7 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the run directories")
+    p.add_argument("--order", help="kill these in turn in every trial, e.g. daemon,worker (default: at random)")
     args = p.parse_args()
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="kill-suite-") as tmp:
@@ -224,7 +229,7 @@ def main() -> int:
         print(json.dumps({"reference": {"steps": len(reference), "seconds": round(reference_s, 1)}}), flush=True)
         results = []
         for i in range(args.trials):
-            result = trial(runs, f"trial-{i}", rng, reference, reference_s)
+            result = trial(runs, f"trial-{i}", rng, reference, reference_s, args.order and args.order.split(","))
             results.append(result)
             print(json.dumps(result, ensure_ascii=False), flush=True)
         kills = [k for r in results for k in r["kills"] if k["killed"]]
