@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from qwen_daemon.launch import child_env  # noqa: E402
 
 # The demo job, shorter: 12 steps with checkpoints, evaluations and an end of run to be killed in.
-SETTINGS = ["train.max_steps=12", "data.max_seq_len=256", "train.grad_accum=2", "checkpoint.every_steps=3",
+SETTINGS = ["train.max_steps=12", "train.grad_accum=2", "checkpoint.every_steps=3",
             "checkpoint.keep_last=2", "train.eval_every_steps=4", "train.inference_check_tokens=8", "eval.at_end=false",
             "lora.dropout=0.05"]
 
