@@ -93,13 +93,14 @@ class Lab:
 
     def configure(self, *, fused_on: bool = True, dropout: float = 0.0, checkpointed: int | None = None,
                   offload: bool = False, attn: str = "sdpa", autocast: bool | None = None,
-                  optimizer: str = "adamw", rms_norm: str = "torch") -> None:
-        from qwen_daemon.train import attention, fused
+                  optimizer: str = "adamw", rms_norm: str = "kernel", qkv: bool = True,
+                  recompute: str = "function") -> None:
+        from qwen_daemon.train import attention, checkpointing, fused
         from qwen_daemon.train.checkpointing import set_checkpointing
-        from qwen_daemon.train.model import torch_rms_norm
+        from qwen_daemon.train.model import own_rms_norm
 
-        if rms_norm == "torch":  # (what load_model does)
-            torch_rms_norm(self.model)
+        if rms_norm in ("kernel", "torch"):  # (kernel: what load_model does)
+            own_rms_norm(self.model, kernel=rms_norm == "kernel")
         else:  # liger's, as its Qwen3 patch binds it to every norm (a private helper: a lab only)
             from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module
 
@@ -108,8 +109,10 @@ class Lab:
                     _patch_rms_norm_module(module)
 
         fused.unfuse(self.model)
+        fused.FUSE_QKV = qkv
         if fused_on:
             fused.fuse(self.model)
+        checkpointing.ONE_FUNCTION = recompute == "function"
         for m in self.model.modules():
             if isinstance(m, self.torch.nn.Dropout):
                 m.p = dropout
@@ -155,6 +158,9 @@ class Lab:
         self.compare("fused-vs-peft", dict(fused_on=False, autocast=True), dict())
         self.compare("autocast-off", dict(autocast=True), dict())
         self.compare("offload", dict(), dict(offload=True))
+        self.compare("recompute-function-vs-torch", dict(recompute="torch"), dict())
+        self.compare("qkv-vs-three", dict(qkv=False), dict())
+        self.compare("norm-kernel-vs-torch", dict(rms_norm="torch"), dict())
         self.compare("mask-vs-unpacked", dict(), dict(), packed=(False, True))
         self.compare("varlen-vs-unpacked", dict(), dict(attn="sdpa_varlen"), packed=(False, True))
 
@@ -278,6 +284,70 @@ class Lab:
                     self.timed(f"norm-{norm}-mb{mbs}-r{round_}", mbs=mbs, steps=3 if mbs == 4 else 2,
                                offload=True, attn="sdpa_varlen", rms_norm=norm)
         self.timed("profile-torch-norm-offload", offload=True, attn="sdpa_varlen", rms_norm="torch", profile=True)
+
+    def step(self) -> None:
+        """The third session's changes: each checkpointed layer as one function (`Recomputed`)
+        against torch's checkpoint, q/k/v in one function against three; every layer recomputed,
+        inputs kept and offloaded; two interleaved rounds, then profiles at micro-batch 4 and 16."""
+        variants = {"old": dict(recompute="torch", qkv=False), "function": dict(qkv=False),
+                    "qkv": dict(recompute="torch"), "new": dict()}
+        for round_ in range(2):
+            for mbs in (4, 16):
+                for offload in (False, True):
+                    for name, switches in variants.items():
+                        self.timed(f"step-{name}-mb{mbs}{'-offload' * offload}-r{round_}", mbs=mbs,
+                                   steps=3 if mbs == 4 else 2, offload=offload, attn="sdpa_varlen", **switches)
+        for mbs in (4, 16):
+            self.timed(f"profile-new-offload-mb{mbs}", mbs=mbs, steps=2, offload=True, attn="sdpa_varlen",
+                       profile=True)
+
+    def norm_step(self) -> None:
+        """Our RMSNorm kernel against torch's F.rms_norm in the step, every layer recomputed,
+        inputs offloaded (Unsloth's setting) and kept; two interleaved rounds."""
+        for round_ in range(2):
+            for mbs in (4, 16):
+                for offload in (True, False):
+                    for norm in ("torch", "kernel"):
+                        self.timed(f"norm-{norm}-mb{mbs}{'-offload' * offload}-r{round_}", mbs=mbs,
+                                   steps=3 if mbs == 4 else 2, offload=offload, attn="sdpa_varlen", rms_norm=norm)
+
+    def norms(self) -> None:
+        """torch's F.rms_norm against liger's kernel on the 4B model's four norms (hidden 2560; q and
+        k heads of 128) at micro-batch 4 and 16: GPU time (CUDA events) and host time per call,
+        forward + backward of the input (the norms' weights are frozen)."""
+        import torch.nn.functional as F
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        from qwen_daemon.train.rmsnorm import RMSNorm
+
+        torch = self.torch
+        for tokens in (8192, 32768):
+            for rows_per_token, width in ((1, 2560), (32, 128), (8, 128)):
+                x = torch.randn(tokens * rows_per_token, width, device=self.device, dtype=torch.bfloat16,
+                                requires_grad=True)
+                w = torch.ones(width, device=self.device, dtype=torch.bfloat16)
+                grad = torch.randn_like(x)
+                impls = {"torch": lambda: F.rms_norm(x, (width,), w, 1e-6),
+                         "liger": lambda: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
+                         "kernel": lambda: RMSNorm.apply(x, w, 1e-6)}
+                ref = F.rms_norm(x.detach().float(), (width,), w.float(), 1e-6)
+                error = ((RMSNorm.apply(x, w, 1e-6).float() - ref).abs().max() / ref.abs().max()).item()
+                self.emit({"kind": "norm-check", "rows": tuple(x.shape), "rel_max_error": error})
+                for name, fn in impls.items():
+                    for _ in range(3):
+                        fn().backward(grad)
+                    self.sync()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    n = 50
+                    host = time.perf_counter()
+                    start.record()
+                    for _ in range(n):
+                        fn().backward(grad)
+                    end.record()
+                    host = time.perf_counter() - host
+                    self.sync()
+                    self.emit({"kind": "norm", "impl": name, "rows": tuple(x.shape), "gpu_us": round(
+                        start.elapsed_time(end) * 1000 / n, 1), "host_us": round(host * 1e6 / n, 1)})
 
     def memory(self) -> None:
         """The probe's model against measured peaks of real forward + backward passes."""

@@ -8,8 +8,11 @@ and every decoder layer recomputed (gradient checkpointing), on the same random 
 every token trained), clip 1.0, on `builtin:random-qwen3-4b` (Qwen3-4B's exact architecture,
 random weights: speed and memory do not depend on the values):
 - ours: the engine's own step (loop.optimizer_step: fused LoRA, liger kernels) with its default
-  optimizer (torch AdamW) and LoRA dropout 0; `ours-auto` is the same micro-batch with the memory
-  plan's choice of recomputed layers and offload (what train.grad_checkpointing: auto does);
+  optimizer (torch AdamW) and LoRA dropout 0; `ours-offload` keeps the recomputed layers' inputs in
+  host memory (Unsloth's setting), `ours-offload-8bit` also takes Unsloth's optimizer (paged 8-bit
+  AdamW, whose state lies outside torch's count; run it alone: `--variants ours-offload-8bit`);
+  `ours-auto` is the same micro-batch with the memory plan's
+  choice of recomputed layers and offload (what train.grad_checkpointing: auto does);
 - hf: the seeds' recipe: HF Trainer, peft's prepare_model_for_kbit_training, paged 8-bit AdamW,
   LoRA dropout 0.05 (micro-batch 4 only, as its memory allows little more);
 - unsloth: FastLanguageModel (its fused LoRA kernels, use_gradient_checkpointing="unsloth", which
@@ -75,11 +78,14 @@ def ours(args) -> None:
                  TrainState(), 10**6, Sinks(), Controls(), flat=flattened(cfg, device), autocast=False)
     layers = model.config.num_hidden_layers
     fitted = None
-    for variant in ("ours", "ours-auto"):
+    for variant in args.variants:
         for batch in args.batches:
             plan = None
-            if variant == "ours":
-                set_checkpointing(model, layers, False)
+            if variant == "ours-offload-8bit" and cfg.train.optimizer != "adamw_8bit":  # (alone in a process:
+                cfg.train.optimizer = "adamw_8bit"  # no torch AdamW state allocated before it)
+                r.optimizer = loop.make_optimizer(model, cfg)
+            if variant != "ours-auto":
+                set_checkpointing(model, layers, offload=variant.startswith("ours-offload"))
             else:
                 if fitted is None:
                     fitted, _ = memory.probe(lambda n: loop.probe_step(r, n), lambda k: set_checkpointing(model, k),
@@ -269,7 +275,8 @@ def drive(args) -> None:
         for engine in args.engines:
             batches = [b for b in args.batches if engine != "hf" or b <= 4]
             cmd = [sys.executable, __file__, "--engine", engine, "--model", args.model, "--seq", str(args.seq),
-                   "--batches", ",".join(map(str, batches)), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--batches", ",".join(map(str, batches)), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--variants", ",".join(args.variants)]
             env = dict(os.environ)
             if engine == "unsloth" and args.unsloth_site:
                 # Unsloth's wheels first (its datasets and trl), ours after them, then the repo
@@ -322,6 +329,7 @@ def main() -> None:
     p.add_argument("--engines", default="ours,hf,unsloth")
     p.add_argument("--model", default="builtin:random-qwen3-4b")
     p.add_argument("--batches", default="4,16")
+    p.add_argument("--variants", default="ours,ours-offload,ours-auto", help="of our engine")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
@@ -333,6 +341,7 @@ def main() -> None:
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.engines = args.engines.split(",")
+    args.variants = args.variants.split(",")
     if args.engine:
         {"ours": ours, "hf": hf, "unsloth": unsloth}[args.engine](args)
     else:

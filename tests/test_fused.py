@@ -53,29 +53,38 @@ def assert_same(a, b, tolerance=1e-5):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_lora_computes_what_peft_computes(dropout):
-    """dropout 0: the whole MLP in one function; 0.1: each projection on its own, same masks."""
+    """dropout 0: the whole MLP in one function, q, k and v in another; 0.1: each projection on
+    its own, same masks."""
     model = tiny(f"lora.dropout={dropout}")
     batch = packed_batch(flat=False)
     counts = fused.fuse(model)  # already fused by load_model: nothing more to do
-    assert counts == {"mlp": 0, "linear": 0}
+    assert counts == {"mlp": 0, "qkv": 0, "linear": 0}
     fast = loss_and_grads(model, batch)
     fused.unfuse(model)
     assert not any("forward" in m.__dict__ for m in model.modules() if hasattr(m, "lora_A"))
     assert_same(loss_and_grads(model, batch), fast)
-    calls = {"mlp": 0}
-    real = fused.LoRAMLP.forward
+    calls = {"LoRAMLP": 0, "LoRAQKV": 0, "LoRALinear": 0}
+    real = {name: getattr(fused, name).forward for name in calls}
 
-    def counting(*args):
-        calls["mlp"] += 1
-        return real(*args)
+    def counting(name):
+        def forward(*args):
+            calls[name] += 1
+            return real[name](*args)
+        return staticmethod(forward)
 
-    fused.fuse(model)
+    # q, k and v as one in each layer; o_proj and the MLP's three (its fallback) on their own
+    assert fused.fuse(model) == {"mlp": 2, "qkv": 2, "linear": 8}
     try:
-        fused.LoRAMLP.forward = staticmethod(counting)
+        for name in calls:
+            getattr(fused, name).forward = counting(name)
         assert_same(loss_and_grads(model, batch), fast)
     finally:
-        fused.LoRAMLP.forward = staticmethod(real)
-    assert calls["mlp"] == (2 if dropout == 0 else 0)  # the tiny model's two layers
+        for name in calls:
+            getattr(fused, name).forward = staticmethod(real[name])
+    # the tiny model's two layers: with dropout each projection draws its own mask
+    assert calls == ({"LoRAMLP": 2, "LoRAQKV": 2, "LoRALinear": 2} if dropout == 0 else
+                     {"LoRAMLP": 0, "LoRAQKV": 0, "LoRALinear": 14})
+    assert not any("_qkv_pending" in m.__dict__ for m in model.modules())  # nothing left holding memory
 
 
 def test_an_mlp_without_act_fn_falls_back_to_its_own_forward():
@@ -168,17 +177,24 @@ def test_the_varlen_kernel_gets_causal_attention_whatever_its_signature():
         attention._varlen(lambda q, k, v, cu_q, cu_k, max_q, max_k: q, q, k, k, cu, 4, None)
 
 
-def test_recomputing_some_layers_changes_nothing_but_memory():
-    model = tiny("lora.dropout=0.0")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recomputing_some_layers_changes_nothing_but_memory(dropout):
+    """Recomputed layers give the same loss and gradients, dropout's masks included (the recompute
+    replays the random numbers), through the one-function recompute (`Recomputed`)."""
+    model = tiny(f"lora.dropout={dropout}")
     batch = packed_batch(flat=False)
     model.train()
     whole = loss_and_grads(model, batch)
     layers = decoder_layers(model)
+    outputs = []
+    layers[0].register_forward_hook(lambda module, args, out: outputs.append(out))
     for k in (1, len(layers)):
         set_checkpointing(model, k)
         assert [("forward" in layer.__dict__) for layer in layers] == [i < k for i in range(len(layers))]
         assert model.checkpointing_plan == {"checkpointed": k, "layers": len(layers), "offload": False}
         assert_same(loss_and_grads(model, batch), whole)
+        hidden = outputs[-1][0] if isinstance(outputs[-1], tuple) else outputs[-1]
+        assert type(hidden.grad_fn).__name__ == "RecomputedBackward"
     set_checkpointing(model, 0)
     assert not any("forward" in layer.__dict__ for layer in layers)
 
@@ -195,10 +211,10 @@ def test_decoder_layers_are_found_once_fsdp_has_sharded_them():
     assert len(layers) == 2 and decoder_layers(model) == layers
 
 
-def test_torch_rms_norm_computes_what_qwen3s_norm_computes():
+def test_own_rms_norm_computes_what_qwen3s_norm_computes():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-    from qwen_daemon.train.model import torch_rms_norm
+    from qwen_daemon.train.model import own_rms_norm
 
     norms = torch.nn.Sequential(Qwen3RMSNorm(64, eps=1e-6), Qwen3RMSNorm(64, eps=1e-6))
     with torch.no_grad():
@@ -214,6 +230,6 @@ def test_torch_rms_norm_computes_what_qwen3s_norm_computes():
         return out.detach(), x.grad.clone(), norms[0].weight.grad.clone()
 
     reference = run()
-    assert torch_rms_norm(norms) == 2
+    assert own_rms_norm(norms) == 2
     for got, want in zip(run(), reference):
         torch.testing.assert_close(got, want)

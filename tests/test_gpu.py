@@ -26,6 +26,27 @@ def undo_liger_patches():
     m.Qwen3ForCausalLM.forward = forward
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 2560), (2, 7, 32, 128), (4099, 128), (6, 4096)])
+def test_the_rms_norm_kernel_computes_what_torch_computes(shape):
+    """Our Triton RMSNorm (rmsnorm.py) against torch's F.rms_norm in float32: the output and the
+    input's gradient, on the widths Qwen3 normalises, a row count no block divides, and a row
+    width that is a power of two."""
+    from qwen_daemon.train.rmsnorm import RMSNorm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda", generator=g)).to(torch.bfloat16)
+    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = RMSNorm.apply(x, w, 1e-6)
+    out.backward(grad)
+    xf = x.detach().float().requires_grad_()
+    ref = torch.nn.functional.rms_norm(xf, (shape[-1],), w.float(), 1e-6)
+    ref.backward(grad.float())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (x.grad.float() - xf.grad).abs().max() <= 0.02 * xf.grad.abs().max()
+
+
 def test_demo_config_trains_on_the_gpu_with_liger_and_checkpointing(tmp_path):
     from qwen_daemon.train.loop import train
     from qwen_daemon.train.model import load_model

@@ -8,16 +8,24 @@ input hidden state, goes to pinned host memory on a side stream while the forwar
 the backward it comes back one layer ahead of its use: at long sequences these inputs are most of
 the memory (36 x 671 MB for Qwen3-4B at 131,072 tokens) and PCIe moves them in a small fraction of
 a layer's compute time.
+
+A checkpointed layer runs as one autograd function (`Recomputed`, the way Unsloth's offloaded
+checkpoint and torch's reentrant one do it): its first forward runs without gradients, so it builds
+no graph and calls no Python hook per saved tensor, and it keeps only its input; the backward runs
+the layer again with gradients and back-propagates through it. Where that cannot be used (another
+argument than the hidden state needs a gradient) torch's non-reentrant checkpoint runs instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors stay where they are
+ONE_FUNCTION = True  # `Recomputed`; False: torch's non-reentrant checkpoint for every layer (the engine lab)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -44,14 +52,103 @@ def set_checkpointing(model, checkpointed: int | None = None, offload: bool = Fa
     model.checkpointing_plan = {"checkpointed": checkpointed, "layers": len(layers), "offload": bool(offload)}
 
 
-def _checkpointed_forward(self, *args, **kwargs):
+def _checkpointed_forward(self, hidden, *args, **kwargs):
     forward = type(self).forward.__get__(self)
     if not (self.training and torch.is_grad_enabled()):
-        return forward(*args, **kwargs)
+        return forward(hidden, *args, **kwargs)
+    if ONE_FUNCTION and isinstance(hidden, torch.Tensor) and not _any_needs_grad(args) and not _any_needs_grad(kwargs.values()):
+        run = (lambda h: forward(h, *args, **kwargs)) if args or kwargs else forward
+        shape: list[bool] = []  # whether the layer returned a tuple (transformers 4) or the hidden state
+        out = Recomputed.apply(_NEEDS_GRAD[hidden.device], hidden, run, self._offloader, _uses_rng(self), shape)
+        return (out,) if shape[0] else out
     if self._offloader is None:
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, hidden, *args, use_reentrant=False, **kwargs)
     with torch.autograd.graph.saved_tensors_hooks(self._offloader.pack, self._offloader.unpack):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, hidden, *args, use_reentrant=False, **kwargs)
+
+
+def _any_needs_grad(values) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad or isinstance(v, (tuple, list)) and _any_needs_grad(v)
+               for v in values)
+
+
+class _GradAnchors(dict):
+    """An empty tensor that needs a gradient, per device: an input of every `Recomputed` so that
+    autograd calls its backward even when the hidden state needs none (the first layer's input
+    comes from a frozen embedding)."""
+
+    def __missing__(self, device):
+        self[device] = anchor = torch.empty(0, device=device, requires_grad=True)
+        return anchor
+
+
+_NEEDS_GRAD = _GradAnchors()
+
+
+def _uses_rng(layer) -> bool:
+    """Whether recomputing the layer must replay the random numbers of its first forward (dropout)."""
+    cached = layer.__dict__.get("_uses_rng")
+    if cached is None:
+        dropout = getattr(getattr(layer, "self_attn", None), "attention_dropout", 0) or 0
+        cached = dropout > 0 or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules())
+        layer._uses_rng = cached
+    return cached
+
+
+class Recomputed(torch.autograd.Function):
+    """out = run(hidden), keeping only `hidden` (on the GPU, or in host memory through `offloader`)
+    and recomputing the rest in the backward. `anchor` is `_NEEDS_GRAD`'s tensor."""
+
+    @staticmethod
+    def forward(ctx, anchor, hidden, run, offloader, uses_rng, shape):
+        ctx.run, ctx.offloader, ctx.device = run, offloader, hidden.device
+        ctx.hidden_needs_grad = hidden.requires_grad
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                        for kind in {"cpu", hidden.device.type}]
+        ctx.rng = _rng_state(hidden.device) if uses_rng else None
+        with torch.no_grad():
+            out = run(hidden)
+        shape.append(isinstance(out, tuple))
+        if shape[0]:
+            if len(out) > 1:
+                raise ValueError(f"a checkpointed layer returned {len(out)} values; only the hidden state is kept")
+            out = out[0]
+        if offloader is None:
+            ctx.save_for_backward(hidden)
+        else:
+            ctx.packed = offloader.pack(hidden.detach())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.offloader is None:
+            (hidden,) = ctx.saved_tensors
+        else:
+            hidden, ctx.packed = ctx.offloader.unpack(ctx.packed), None
+        hidden = hidden.detach().requires_grad_(True)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            for kind, enabled, dtype in ctx.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
+            if ctx.rng is not None:
+                stack.enter_context(_replayed_rng(ctx.device, ctx.rng))
+            out = ctx.run(hidden)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.backward(out, grad)
+        return None, hidden.grad if ctx.hidden_needs_grad else None, None, None, None, None
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, state):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 class _Offloaded:

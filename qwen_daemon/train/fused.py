@@ -67,6 +67,7 @@ def _bnb_cuda_dequantize():
 # LoRA weights train in float32 and are used in the compute dtype, scaled. Their casts are kept
 # until the optimizer changes the weight (its version counter moves), not redone in every pass.
 CACHE_CASTS = True
+FUSE_QKV = True  # q, k and v in one function (`LoRAQKV`); False: one each (the engine lab)
 
 
 def cast(weight: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -84,6 +85,23 @@ def cast(weight: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.
     return value
 
 
+def stacked(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The LoRA A weights of projections of one input, stacked by rows in `dtype` (one matmul for
+    all of them), cached like `cast` until one of them changes."""
+    if not CACHE_CASTS:
+        return torch.cat([w.detach().to(dtype) for w in weights])
+    key = (dtype, *(id(w) for w in weights[1:]))
+    cache = weights[0].__dict__.setdefault("_fused_stacks", {})
+    versions = tuple(w._version for w in weights)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    with torch.no_grad():
+        value = torch.cat([w.to(dtype) for w in weights])
+    cache[key] = (versions, value)
+    return value
+
+
 def _base_matmul(x: torch.Tensor, base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = dequantized(base, dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
@@ -95,11 +113,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _lora(x, base, a, b, scale, x_lora=None):
-    """x @ W.T + scale * (x_lora @ A.T) @ B.T on 2-D operands in one dtype (A, B: the parameters)."""
-    out = _base_matmul(x, base, x.dtype)
-    xa = (x if x_lora is None else x_lora) @ cast(a, x.dtype).t()
-    return out.addmm_(xa, cast(b, x.dtype, scale).t())
+def _lora(x, base, a, b, scale, x_lora=None, xa=None):
+    """(x @ W.T + scale * xa @ B.T, xa = x_lora @ A.T) on 2-D operands in one dtype (A, B: the
+    parameters); xa, small, is kept for the backward."""
+    if xa is None:
+        xa = (x if x_lora is None else x_lora) @ cast(a, x.dtype).t()
+    return _base_matmul(x, base, x.dtype).addmm_(xa, cast(b, x.dtype, scale).t()), xa
 
 
 def _lora_input_grad(grad, base, a, b, scale, same_input: bool):
@@ -112,10 +131,11 @@ def _lora_input_grad(grad, base, a, b, scale, same_input: bool):
     return grad_x, grad_b @ cast(a, grad.dtype), grad_b
 
 
-def _lora_weight_grads(grad, grad_b, x_lora, a, b, scale):
-    """dL/dA and dL/dB in the parameters' dtype, from `grad_b` = scale * grad @ B."""
+def _lora_weight_grads(grad, grad_b, x_lora, xa, a, b, scale):
+    """dL/dA and dL/dB in the parameters' dtype, from `grad_b` = scale * grad @ B and the
+    forward's `xa` = x_lora @ A.T."""
     grad_a = grad_b.t() @ x_lora
-    grad_b_weight = grad.t() @ (x_lora @ cast(a, grad.dtype, scale).t())
+    grad_b_weight = (grad.t() @ xa).mul_(scale)
     return grad_a.to(a.dtype), grad_b_weight.to(b.dtype)
 
 
@@ -129,24 +149,70 @@ class LoRALinear(torch.autograd.Function):
         same = x_lora is x
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         xl2 = x2 if same else x_lora.reshape(-1, shape[-1]).to(dtype)
-        out = _lora(x2, base, lora_a, lora_b, scale, xl2)
+        out, xa = _lora(x2, base, lora_a, lora_b, scale, xl2)
         ctx.base, ctx.scale, ctx.dtype, ctx.same = base, scale, dtype, same
-        ctx.save_for_backward(x, None if same else x_lora, lora_a, lora_b)
+        ctx.save_for_backward(x, None if same else x_lora, xa, lora_a, lora_b)
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, x_lora, lora_a, lora_b = ctx.saved_tensors
+        x, x_lora, xa, lora_a, lora_b = ctx.saved_tensors
         dtype, scale = ctx.dtype, ctx.scale
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         xl2 = x2 if ctx.same else x_lora.reshape(-1, x.shape[-1]).to(dtype)
         grad_x, grad_xl, grad_b = _lora_input_grad(g, ctx.base, lora_a, lora_b, scale, ctx.same)
-        grad_a, grad_bw = _lora_weight_grads(g, grad_b, xl2, lora_a, lora_b, scale)
+        grad_a, grad_bw = _lora_weight_grads(g, grad_b, xl2, xa, lora_a, lora_b, scale)
         grad_x = grad_x.view(x.shape).to(x.dtype)
         if grad_xl is not None:
             grad_xl = grad_xl.view(x.shape).to(x_lora.dtype)
         return grad_x, grad_xl, None, grad_a, grad_bw, None
+
+
+class LoRAQKV(torch.autograd.Function):
+    """The attention's q, k and v projections of one input, LoRA on each and no dropout: one
+    function, one matmul for the three A's, and the input's gradient accumulated from the three
+    in place (where separate projections leave autograd two more sums of the hidden state)."""
+
+    @staticmethod
+    def forward(ctx, x, bases, scales, *lora):
+        dtype = _compute_dtype(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        a_weights, b_weights = lora[0::2], lora[1::2]
+        xa = x2 @ stacked(a_weights, dtype).t()
+        outs, start = [], 0
+        for base, a, b, scale in zip(bases, a_weights, b_weights, scales):
+            out, _ = _lora(x2, base, a, b, scale, xa=xa[:, start:start + a.shape[0]])
+            start += a.shape[0]
+            outs.append(out.view(*shape[:-1], out.shape[-1]))
+        ctx.bases, ctx.scales, ctx.dtype = bases, scales, dtype
+        ctx.save_for_backward(x, xa, *lora)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, xa, *lora = ctx.saved_tensors
+        dtype = ctx.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a_weights, b_weights = lora[0::2], lora[1::2]
+        grad_x, grad_bs, lora_grads, start = None, [], [], 0
+        for grad, base, a, b, scale in zip(grads, ctx.bases, a_weights, b_weights, ctx.scales):
+            rank = a.shape[0]
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            grad_b = g @ cast(b, dtype, scale)
+            weight = dequantized(base, dtype)
+            grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+            del weight
+            grad_bs.append(grad_b)
+            lora_grads.append((g.t() @ xa[:, start:start + rank]).mul_(scale).to(b.dtype))
+            start += rank
+        grad_b = torch.cat(grad_bs, dim=1)
+        grad_x.addmm_(grad_b, stacked(a_weights, dtype))
+        grad_a = (grad_b.t() @ x2).split([a.shape[0] for a in a_weights])
+        grads_lora = [g for a, grad_a_i, grad_b_i in zip(a_weights, grad_a, lora_grads)
+                      for g in (grad_a_i.to(a.dtype), grad_b_i)]
+        return (grad_x.view(x.shape).to(x.dtype), None, None, *grads_lora)
 
 
 def _swiglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -184,7 +250,7 @@ def _liger_swiglu():
 class LoRAMLP(torch.autograd.Function):
     """Qwen3's MLP with LoRA on its three projections and no dropout:
     e = x Wg + LoRA_g(x), g = x Wu + LoRA_u(x), h = silu(e) * g, y = h Wd + LoRA_d(h).
-    Keeps x, e and g for the backward (not h, which is recomputed)."""
+    Keeps x, e and g for the backward (not h, which is recomputed), and the small x @ A.T."""
 
     @staticmethod
     def forward(ctx, x, gate_base, gate_a, gate_b, gate_s, up_base, up_a, up_b, up_s,
@@ -192,18 +258,20 @@ class LoRAMLP(torch.autograd.Function):
         dtype = _compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        e = _lora(x2, gate_base, gate_a, gate_b, gate_s)
-        g = _lora(x2, up_base, up_a, up_b, up_s)
-        y = _lora(_swiglu(e, g), down_base, down_a, down_b, down_s)
+        xa = x2 @ stacked((gate_a, up_a), dtype).t()  # both A's in one matmul
+        rank = gate_a.shape[0]
+        e, _ = _lora(x2, gate_base, gate_a, gate_b, gate_s, xa=xa[:, :rank])
+        g, _ = _lora(x2, up_base, up_a, up_b, up_s, xa=xa[:, rank:])
+        y, ha = _lora(_swiglu(e, g), down_base, down_a, down_b, down_s)
         ctx.bases = (gate_base, up_base, down_base)
         ctx.scales = (gate_s, up_s, down_s)
         ctx.dtype = dtype
-        ctx.save_for_backward(x, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b)
+        ctx.save_for_backward(x, e, g, xa, ha, gate_a, gate_b, up_a, up_b, down_a, down_b)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x, e, g, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        x, e, g, xa, ha, gate_a, gate_b, up_a, up_b, down_a, down_b = ctx.saved_tensors
         gate_base, up_base, down_base = ctx.bases
         gate_s, up_s, down_s = ctx.scales
         dtype = ctx.dtype
@@ -212,15 +280,16 @@ class LoRAMLP(torch.autograd.Function):
 
         h = _swiglu(e, g)
         grad_h, _, dy_b = _lora_input_grad(dy, down_base, down_a, down_b, down_s, True)
-        grad_da, grad_db = _lora_weight_grads(dy, dy_b, h, down_a, down_b, down_s)
+        grad_da, grad_db = _lora_weight_grads(dy, dy_b, h, ha, down_a, down_b, down_s)
         del h
         grad_e, grad_g = _swiglu_backward(e, g, grad_h)
         del grad_h
         grad_x, _, ge_b = _lora_input_grad(grad_e, gate_base, gate_a, gate_b, gate_s, True)
-        grad_ga, grad_gb = _lora_weight_grads(grad_e, ge_b, x2, gate_a, gate_b, gate_s)
+        rank = gate_a.shape[0]
+        grad_ga, grad_gb = _lora_weight_grads(grad_e, ge_b, x2, xa[:, :rank], gate_a, gate_b, gate_s)
         grad_x_up, _, gg_b = _lora_input_grad(grad_g, up_base, up_a, up_b, up_s, True)
         grad_x += grad_x_up
-        grad_ua, grad_ub = _lora_weight_grads(grad_g, gg_b, x2, up_a, up_b, up_s)
+        grad_ua, grad_ub = _lora_weight_grads(grad_g, gg_b, x2, xa[:, rank:], up_a, up_b, up_s)
         return (grad_x.view(x.shape).to(x.dtype), None, grad_ga, grad_gb, None, None, grad_ua, grad_ub, None,
                 None, grad_da, grad_db, None)
 
@@ -259,6 +328,33 @@ def _mlp_forward(self, x):
     return LoRAMLP.apply(x, *args)
 
 
+def _qkv_forward(self, x, *args, **kwargs):
+    """q_proj's forward: q, k and v in one function; k_proj and v_proj then take theirs from it
+    when they are called with the same input, as the attention's forward does next."""
+    group = (self, *self._qkv_siblings)
+    parts = [lora_parts(m) for m in group]
+    if args or kwargs or any(p is None or not _no_dropout(p[4]) for p in parts):
+        return _linear_forward(self, x, *args, **kwargs)
+    lora = [w for _, a, b, _, _ in parts for w in (a, b)]
+    q, k, v = LoRAQKV.apply(x, tuple(p[0] for p in parts), tuple(p[3] for p in parts), *lora)
+    for sibling, out in zip(self._qkv_siblings, (k, v)):
+        sibling.__dict__["_qkv_pending"] = (x, out)
+    return q
+
+
+def _qkv_sibling_forward(self, x, *args, **kwargs):
+    pending = self.__dict__.pop("_qkv_pending", None)
+    if pending is not None and pending[0] is x and not args and not kwargs:
+        return pending[1]
+    return _linear_forward(self, x, *args, **kwargs)
+
+
+def _qkv_group(module) -> tuple | None:
+    """(q_proj, k_proj, v_proj) of an attention module whose three are LoRA layers, else None."""
+    group = tuple(getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+    return group if all(m is not None and _is_lora_layer(m) for m in group) else None
+
+
 def _is_lora_layer(module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "active_adapters")
 
@@ -274,15 +370,24 @@ def _is_swiglu_mlp(module) -> bool:
 def fuse(model) -> dict[str, int]:
     """Route the model's LoRA projections through the fused functions; returns what was fused.
     `unfuse(model)` restores peft's forwards."""
-    counts = {"mlp": 0, "linear": 0}
+    counts = {"mlp": 0, "qkv": 0, "linear": 0}
+    forwards = {}
+    for module in model.modules():
+        group = _qkv_group(module) if FUSE_QKV else None
+        if group is not None and not any("_unfused_forward" in m.__dict__ for m in group):
+            q, k, v = group
+            q._qkv_siblings = (k, v)
+            forwards.update({q: _qkv_forward, k: _qkv_sibling_forward, v: _qkv_sibling_forward})
+            counts["qkv"] += 1
     for module in model.modules():
         kind = "mlp" if _is_swiglu_mlp(module) else "linear" if _is_lora_layer(module) else None
         if kind is None or "_unfused_forward" in module.__dict__:
             continue
         # An instance's own forward (liger binds its SwiGLU MLP that way) comes back with unfuse.
         module._unfused_forward = module.__dict__.get("forward")
-        module.forward = types.MethodType(_mlp_forward if kind == "mlp" else _linear_forward, module)
-        counts[kind] += 1
+        forward = _mlp_forward if kind == "mlp" else forwards.get(module, _linear_forward)
+        module.forward = types.MethodType(forward, module)
+        counts[kind] += kind == "mlp" or forward is _linear_forward
     return counts
 
 
@@ -294,3 +399,5 @@ def unfuse(model) -> None:
                 del module.forward
             else:
                 module.forward = previous
+            for name in ("_qkv_siblings", "_qkv_pending"):
+                module.__dict__.pop(name, None)

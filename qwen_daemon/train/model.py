@@ -135,9 +135,9 @@ def flattened(cfg: Config, device) -> bool:
 def apply_liger(model) -> None:
     """liger-kernel's Triton kernels for this model instance (fused linear cross-entropy: the
     151936-wide logits are never materialised; RoPE, SwiGLU), where liger has them; RMSNorm is
-    torch's own (torch_rms_norm), which cost 14% less time per step at micro-batch 4 and 1.5%
-    more at 16 on the H200 (docs/benchmarks.md)."""
-    torch_rms_norm(model)
+    our own (own_rms_norm): liger's costs 0.2 ms of host time a call, torch's 3-5x the time its
+    memory traffic takes on the GPU (docs/benchmarks.md)."""
+    own_rms_norm(model)
     try:
         from liger_kernel.transformers import monkey_patch
     except ImportError as e:
@@ -148,24 +148,29 @@ def apply_liger(model) -> None:
         log.info("liger-kernel has no kernels for %s", model.config.model_type)
         return
     patch(model=model, rms_norm=False)
-    log.info("liger-kernel: fused linear cross-entropy, RoPE and SwiGLU for %s (RMSNorm: torch's)",
+    log.info("liger-kernel: fused linear cross-entropy, RoPE and SwiGLU for %s (RMSNorm: our own)",
              model.config.model_type)
 
 
-def torch_rms_norm(model) -> int:
-    """Every RMSNorm of the model (Qwen3's own, or liger's patch of it) through torch's fused
-    `F.rms_norm`: one native kernel each way, and far less host time per call than a Triton
-    launch from Python (288 norms a step in Qwen3-4B with every layer recomputed). Computes in
-    float32 like both, with the weight applied before the cast back. Returns how many."""
-    from torch.nn.functional import rms_norm
+def own_rms_norm(model, kernel: bool = True) -> int:
+    """Every RMSNorm of the model (Qwen3's own, or liger's patch of it) through rmsnorm.py: its
+    Triton kernel on CUDA (many rows a program, launched without a Python wrapper), torch's fused
+    `F.rms_norm` elsewhere or with `kernel=False`. Computes in float32 like both, with the weight
+    applied after the cast back. Returns how many."""
+    from torch.nn.functional import rms_norm as torch_rms_norm
+
+    from qwen_daemon.train.rmsnorm import rms_norm
 
     def forward(self, hidden_states):
-        return rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def torch_forward(self, hidden_states):
+        return torch_rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.variance_epsilon)
 
     count = 0
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(forward, module)
+            module.forward = types.MethodType(forward if kernel else torch_forward, module)
             count += 1
     return count
 
