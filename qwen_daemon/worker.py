@@ -143,8 +143,9 @@ def serve_commands(context: zmq.Context, endpoint: str, controls, stop: threadin
 
 def main(argv: list[str] | None = None) -> int:
     from qwen_daemon.train.controls import Controls
-    from qwen_daemon.train.loop import TrainingError, train
+    from qwen_daemon.train.loop import train
     from qwen_daemon.train.model import ModelLoadError
+    from qwen_daemon.train.run import TrainingError
     from qwen_daemon.train.text_zh import TermDictionaryError
 
     p = argparse.ArgumentParser(prog="qwen_daemon.worker")

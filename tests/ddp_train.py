@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import qwen_daemon.train.loop as loop
+from qwen_daemon.train import saving
 from qwen_daemon.train.controls import Controls
 from shared.config import load_config
 
@@ -42,7 +43,7 @@ def main() -> None:
     finish = loop.finish
 
     def record_and_finish(r):
-        torch.save(loop.lora_state(r), run / f"lora-rank{r.rank}.pt")
+        torch.save(saving.lora_state(r), run / f"lora-rank{r.rank}.pt")
         state = {k: getattr(r.state, k) for k in ("step", "micro_batch_size", "grad_accum", "samples_seen")}
         (run / f"state-rank{r.rank}.json").write_text(json.dumps(state))
         finish(r)

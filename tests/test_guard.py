@@ -8,7 +8,7 @@ import threading
 import pytest
 from safetensors.torch import load_file
 
-from qwen_daemon.train import checkpoint, loop
+from qwen_daemon.train import checkpoint, loop, saving
 from qwen_daemon.train.checkpoint import ADAPTER_WEIGHTS, checkpoint_size, list_checkpoints
 from qwen_daemon.train.controls import Controls
 from qwen_daemon.train.guard import ANOMALY_PATIENCE, SPIKE_WINDOW, Guard
@@ -123,7 +123,7 @@ def test_a_disk_too_full_skips_the_checkpoint_keeps_the_older_one_and_warns(tmp_
 
     def free_space(bytes_free):  # the filesystem's answer (a real full disk cannot be made here)
         monkeypatch.setattr(checkpoint, "free_bytes", lambda path: bytes_free)
-        monkeypatch.setattr(loop, "free_bytes", lambda path: bytes_free)
+        monkeypatch.setattr(saving, "free_bytes", lambda path: bytes_free)
 
     def on_step(step):
         if step == 4:

@@ -14,7 +14,8 @@ from qwen_daemon.train import loop
 from qwen_daemon.train.batching import collate
 from qwen_daemon.train.controls import Controls
 from qwen_daemon.train.data import labels_of
-from qwen_daemon.train.loop import TrainingError, train
+from qwen_daemon.train.loop import train
+from qwen_daemon.train.run import TrainingError
 
 TOPICS = ["SM4", "AES", "SM3", "HMAC", "ZUC", "RSA", "SM2", "ECDSA", "TLS", "GCM", "CBC", "ML-KEM"]
 

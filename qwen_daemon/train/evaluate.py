@@ -11,8 +11,9 @@ references (metrics.py), and computes the split's token loss both ways. It write
 `eval/<checkpoint>-<split>.jsonl` (one line per question: reference, both answers, every metric)
 and `eval/summary.json` (overall and per category, base against tuned).
 
-`sample_scores` is the small version the training loop runs every `eval.generate_every_steps`
-steps on a fixed validation sample with the model it is training.
+During training, with the model being trained: `eval_loss` (the validation split's token loss,
+every train.eval_every_steps) and `score_sample`, the small version of the above on a fixed
+validation sample (every eval.generate_every_steps).
 """
 
 from __future__ import annotations
@@ -186,16 +187,56 @@ def evaluate_run(run_dir: Path, checkpoint: str | int = "final", split: str | No
     return summary
 
 
-def sample_scores(r) -> dict[str, float] | None:
-    """During training: the model being trained answers `eval.sample_size` fixed validation
-    questions; their mean scores, for an `eval` metrics record (every rank runs it: under FSDP each
-    forward needs all of them)."""
+def eval_loss(r) -> float | None:
+    """Mean token loss on the validation split (no dropout, no gradients), as an `eval` metrics
+    record; the best one so far is kept in the run's state. Every rank runs it."""
+    import torch
+
+    from qwen_daemon.train.batching import epoch_units
+    from qwen_daemon.train.loop import collate_for, forward  # (the loop imports this module)
+
+    ds = r.splits["validation"].select_columns(["input_ids", "prompt_len"])
+    if len(ds) == 0:
+        return None
+    r.sinks.event("evaluating", step=r.state.step)
+    d = r.cfg.data
+    units = epoch_units(r.splits["validation"]["num_tokens"], epoch=0, seed=d.seed, max_seq_len=d.max_seq_len,
+                        packing=d.packing)
+    r.model.eval()
+    loss_sum, label_tokens = 0.0, 0
+    mbs, per_round = r.state.micro_batch_size, r.state.micro_batch_size * r.world_size
+    with torch.no_grad():
+        # The same number of forwards on every rank (FSDP gathers weights in each): a rank with
+        # nothing left runs the first unit again and does not count it.
+        for start in range(r.rank * mbs, math.ceil(len(units) / per_round) * per_round, per_round):
+            share = units[start:start + mbs]
+            batch = collate_for(r, [[ds[i] for i in unit] for unit in share or units[:1]])
+            loss = forward(r, batch)
+            if share:
+                loss_sum += loss.item() * batch["num_label_tokens"]
+                label_tokens += batch["num_label_tokens"]
+    r.model.train()
+    loss_sum, label_tokens = r.ranks.sum(loss_sum, label_tokens)
+    loss = loss_sum / max(1, label_tokens)
+    s = r.state
+    s.eval_loss = loss
+    if s.best_eval_loss is None or loss < s.best_eval_loss:
+        s.best_eval_loss, s.best_step = loss, s.step
+    r.sinks.metrics({"kind": "eval", "ts": time.time(), "step": s.step, "eval_loss": loss})
+    return loss
+
+
+def score_sample(r) -> None:
+    """The model being trained answers `eval.sample_size` fixed validation questions; their mean
+    scores (term recall, ROUGE-L ...) go out as an `eval` metrics record next to the loss. Every
+    rank runs it: under FSDP each forward needs all of them."""
     from qwen_daemon.train import metrics
     from qwen_daemon.train.text_zh import load_terms
 
+    r.sinks.event("evaluating", step=r.state.step, what="sample")
     ds = r.splits["validation"]
     if len(ds) == 0:
-        return None
+        return
     rows = [ds[i] for i in range(min(r.cfg.eval.sample_size, len(ds)))]
     r.model.eval()
     try:
@@ -206,7 +247,8 @@ def sample_scores(r) -> dict[str, float] | None:
     scored = [{"category": "sample", "tuned": metrics.score_record(row["answer"], text, terms)}
               for row, text in zip(rows, texts)]
     means = metrics.summarise(scored, systems=("tuned",))["overall"]["tuned"]
-    return {k: float(v) for k, v in means.items() if v is not None}
+    r.sinks.metrics({"kind": "eval", "ts": time.time(), "step": r.state.step,
+                     **{k: float(v) for k, v in means.items() if v is not None}})
 
 
 def format_table(summary: dict) -> str:

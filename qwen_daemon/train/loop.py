@@ -7,6 +7,9 @@ optimizer step: apply pending commands, take the step's micro-batches, forward/b
 gradient accumulation (an OOM halves the micro-batch and redoes the same step), clip, step, log,
 evaluate, checkpoint. Then save the final adapter and check it by generating answers.
 
+What the loop calls lives beside it: run.py (the Run and its pieces), dist.py (ranks and
+collectives, no-ops on one process), batch_size.py, commands.py, saving.py, evaluate.py, end.py.
+
 Distributed: rank and world size come from torchrun's environment; every rank takes its own
 slice of each step's units (batching.step_plan) and the loss is normalised by the label tokens
 of the whole step on all ranks. The model is replicated (DDP over the LoRA weights) or sharded
@@ -15,35 +18,34 @@ of the whole step on all ranks. The model is replicated (DDP over the LoRA weigh
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
 import os
-import random
 import statistics
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch.distributed.tensor.experimental import implicit_replication
 
-from qwen_daemon.launch import BACKEND_ENV, RESTARTS_ENV
-from qwen_daemon.train import fitting, fused
-from qwen_daemon.train.batching import collate, epoch_units, step_plan
-from qwen_daemon.train.checkpoint import (TrainState, capture_rng_state, checkpoint_size, free_bytes,
-                                          latest_valid_checkpoint, load_checkpoint, save_checkpoint)
-from qwen_daemon.train.checkpointing import decoder_layers
-from qwen_daemon.train.controls import Command, Controls
+from qwen_daemon.launch import RESTARTS_ENV
+from qwen_daemon.train import fitting
+from qwen_daemon.train.batch_size import apply_restart_batch, initial_batch, leave_batch_for_restart, recover_from_oom
+from qwen_daemon.train.batching import collate, step_plan
+from qwen_daemon.train.checkpoint import TrainState
+from qwen_daemon.train.commands import apply_commands
+from qwen_daemon.train.controls import Controls
 from qwen_daemon.train.data import prepare_data
+from qwen_daemon.train.dist import Ranks
+from qwen_daemon.train.end import finish
+from qwen_daemon.train.evaluate import eval_loss, score_sample
 from qwen_daemon.train.guard import Guard
 from qwen_daemon.train.model import compute_dtype, flattened, load_model, load_tokenizer
+from qwen_daemon.train.run import (Run, TrainingError, make_optimizer, make_scheduler, seed_everything, shard_fsdp,
+                                   total_steps, trainable, wrap_ddp)
+from qwen_daemon.train.saving import restore, save
 from qwen_daemon.train.sinks import JsonlSink, LogSink, Sinks, TensorBoardSink
-from shared import batchsize, runs
+from shared import runs
 from shared.config import Config
 
 log = logging.getLogger(__name__)
@@ -51,69 +53,13 @@ log = logging.getLogger(__name__)
 STRAGGLER_RATIO, STRAGGLER_STEPS = 1.2, 5
 INJECT_HANG_ENV = "QWEN_DAEMON_INJECT_HANG"  # "3@1": rank 1 stops answering at step 3 (tests)
 INJECT_OOM_ENV = "QWEN_DAEMON_INJECT_OOM"  # "3,7x2": a real OutOfMemoryError at step 3, twice at step 7
-DISK_LOW_CHECKPOINTS = 3  # warn when the disk has room for fewer checkpoints than this
 INJECT_NAN_ENV = "QWEN_DAEMON_INJECT_NAN"  # "3,5x3": the loss (and so the gradients) NaN at step 3, steps 5-7
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask",
                 "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # (the last four: flattened)
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
-
-
 class SynchronisedOOM(RuntimeError):
     """Out of memory where the ranks cannot agree in place; the daemon restarts them all."""
-
-
-@dataclass
-class Run:
-    """Everything the loop's helpers share; the loop itself owns the flow."""
-
-    cfg: Config
-    run_dir: Path
-    device: torch.device
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    tokenizer: Any
-    splits: dict[str, Any]
-    state: TrainState
-    total_steps: int
-    sinks: Sinks
-    controls: Controls
-    world_size: int = 1
-    rank: int = 0
-    paused: bool = False
-    stopping: bool = False
-    injected_oom: dict[int, int] = field(default_factory=dict)
-    injected_hang: dict[int, int] = field(default_factory=dict)
-    injected_nan: set[int] = field(default_factory=set)
-    guard: Guard = field(default_factory=Guard)
-    disk_low: bool = False  # the disk_low warning was given (and the disk is still low)
-    saved_step: int | None = None
-    ddp: Any = None  # the DistributedDataParallel wrapper (forward and backward) when world_size > 1
-    sharded: bool = False  # the model is sharded with FSDP2 (launch.strategy fsdp under torchrun)
-    flat: bool = False  # a micro-batch is one row with its samples' boundaries (varlen attention)
-    # Autocast only where something computes in float32 that should not: peft's own LoRA layers.
-    # The fused ones cast what they use, the weights are loaded in the compute dtype, and
-    # autocast costs a dispatch in every op.
-    autocast: bool = True
-    plan: Any = None  # the memory plan in effect (memory.Plan), when one was fitted
-    memory_model: Any = None  # what the probe measured (memory.MemoryModel), on a GPU
-    memory_budget: float | None = None  # bytes the plan may use at its peak
-    busy: float = 0.0  # this rank's compute seconds in the last step
-    slow_steps: dict[int, int] = field(default_factory=dict)  # rank -> steps in a row it was slow
-    # Loss scaling, active only for float16 compute (GPUs without bf16); a no-op otherwise.
-    scaler: Any = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def units(self, epoch: int) -> list[list[int]]:
-        d = self.cfg.data
-        return epoch_units(self.splits["train"]["num_tokens"], epoch=epoch, seed=d.seed, max_seq_len=d.max_seq_len,
-                           packing=d.packing)
 
 
 def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: bool = False,
@@ -127,8 +73,7 @@ def train(cfg: Config, run_dir: Path, controls: Controls | None = None, resume: 
         return _train(r, resume)
     finally:
         r.sinks.close()  # flush metrics and events, also when training fails
-        if r.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        r.ranks.close()
 
 
 def _train(r: Run, resume: bool) -> TrainState:
@@ -160,7 +105,7 @@ def _train(r: Run, resume: bool) -> TrainState:
         elapsed = time.perf_counter() - started
         if r.state.step == first_step + 1:
             fitting.check(r)
-        busy = rank_figures(r, r.busy)
+        busy = r.ranks.gather(r.busy)  # every rank's compute seconds (a tiny all_gather)
         watch_stragglers(r, busy)
         r.sinks.metrics({
             "kind": "train", "ts": time.time(), "step": r.state.step, "total_steps": r.total_steps,
@@ -173,7 +118,7 @@ def _train(r: Run, resume: bool) -> TrainState:
         })
         on_anomaly(r, verdict)
         if r.state.step % t.eval_every_steps == 0 or r.state.step == r.total_steps:
-            evaluate(r)
+            eval_loss(r)
         every = r.cfg.eval.generate_every_steps
         if every and r.state.step % every == 0:
             score_sample(r)
@@ -186,223 +131,52 @@ def _train(r: Run, resume: bool) -> TrainState:
         return r.state
     # Every rank is here, done training, before rank 0 does the end-of-run work (the others go
     # while it does: a collective waiting through an evaluation would time out).
-    barrier(r.world_size)
+    r.ranks.barrier()
     finish(r)
     r.state.finished = True
     return r.state
 
 
-# --- setup ----------------------------------------------------------------------------------------
-
 def setup(cfg: Config, run_dir: Path, controls: Controls, resume: bool, extra_sinks: tuple = ()) -> Run:
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(rank)
-    if "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():  # started by torchrun
-        # A collective that waits longer than this fails the worker; the supervisor restarts them all.
-        torch.distributed.init_process_group(backend=backend(cfg, device),
-                                             timeout=timedelta(seconds=cfg.launch.collective_timeout_s))
+    """The run train() steps: ranks, data, the model wrapped for launch.strategy, optimizer and
+    schedule, the newest checkpoint when resuming, and the memory plan."""
+    ranks = Ranks.start(cfg)
     seed_everything(cfg.train.seed)  # the same LoRA initialisation on every rank
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    if rank != 0:
-        barrier(world_size)  # rank 0 prepares the data (and fills the cache) first ...
-    data = prepare_data(cfg, tokenizer)
-    if rank == 0:
-        barrier(world_size)  # ... then the others read it from the cache
-    if rank == 0:
+    with ranks.main_first():  # rank 0 prepares the data (and fills the cache), the others read the cache
+        data = prepare_data(cfg, tokenizer)
+    if ranks.is_main:
         (run_dir / runs.DATA_REPORT).write_text(json.dumps(data.report.to_dict(), ensure_ascii=False, indent=2),
                                                 encoding="utf-8")
     splits = data.splits
     if len(splits["train"]) == 0:
         raise TrainingError(f"no training sample in {cfg.data.paths}; `qwen-daemon data check` shows why")
-    if cfg.launch.strategy == "fsdp" and compute_dtype(cfg, device) == torch.float16:
+    if cfg.launch.strategy == "fsdp" and compute_dtype(cfg, ranks.device) == torch.float16:
         raise TrainingError("launch.strategy fsdp needs bfloat16 or float32 compute and this device computes in "
                             "float16 (model.compute_dtype); use launch.strategy ddp here")
-    model = load_model(cfg, device)
+    model = load_model(cfg, ranks.device)
     sharded = cfg.launch.strategy == "fsdp" and torch.distributed.is_initialized()
     if sharded:
         shard_fsdp(model)
-    ddp = wrap_ddp(model, device) if world_size > 1 and not sharded else None
+    ddp = wrap_ddp(model, ranks.device) if ranks.world_size > 1 and not sharded else None
     optimizer = make_optimizer(model, cfg)
-    state = initial_batch(cfg, world_size)
-    sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if rank == 0 else Sinks()
-    r = Run(cfg, run_dir, device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls,
-            world_size, rank, ddp=ddp, sharded=sharded, flat=flattened(cfg, device),
-            autocast=not cfg.model.fused_lora, guard=Guard(cfg.train.on_anomaly))
-    if os.environ.get(RESTARTS_ENV, "0") == "0":  # faults are injected into the first worker group only
-        r.injected_oom = parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), rank)
-        r.injected_hang = parse_injected_oom(os.environ.get(INJECT_HANG_ENV, ""), rank)
-        r.injected_nan = {step + k for step, times in parse_injected_oom(os.environ.get(INJECT_NAN_ENV, "")).items()
-                          for k in range(times)}
-    r.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(cfg, device) == torch.float16)
+    state = initial_batch(cfg, ranks.world_size)
+    sinks = Sinks(JsonlSink(run_dir), TensorBoardSink(run_dir), LogSink(), *extra_sinks) if ranks.is_main else Sinks()
+    r = Run(cfg, run_dir, ranks.device, model, optimizer, None, tokenizer, splits, state, 0, sinks, controls, ranks,
+            ddp=ddp, sharded=sharded, flat=flattened(cfg, ranks.device), autocast=not cfg.model.fused_lora,
+            guard=Guard(cfg.train.on_anomaly))
+    inject_faults(r)
+    r.scaler = torch.amp.GradScaler(ranks.device.type, enabled=compute_dtype(cfg, ranks.device) == torch.float16)
     r.total_steps = total_steps(r)
     r.scheduler = make_scheduler(optimizer, cfg, r.total_steps)
-    path = latest_valid_checkpoint(run_dir) if resume else None
-    if resume and path is None:
-        # Killed before its first checkpoint: nothing was kept, so nothing is lost by starting over.
-        log.warning("no checkpoint in %s yet: the run starts again at step 0 with its frozen config",
-                    run_dir / "checkpoints")
-        sinks.event("resumed", step=0, checkpoint=None, samples_seen=0, from_start=True)
-        resume = False
-    if resume:
-        # Under FSDP the checkpoint's whole tensors are copied into sharded parameters: treated as
-        # replicated, each rank keeps its shard (peft's loader alone fails on older torch/peft).
-        with implicit_replication() if sharded else contextlib.nullcontext():
-            r.state = load_checkpoint(path, model, optimizer, r.scheduler, rank=rank,
-                                      load_optimizer_state=lambda state: load_optimizer_state(r, state))
-        sinks.event("resumed", step=r.state.step, checkpoint=str(path), samples_seen=r.state.samples_seen)
-        if r.state.processes != world_size:
-            keep_global_batch(r)
-    r.state.processes = world_size
+    resumed = resume and restore(r)
+    r.state.processes = ranks.world_size
     apply_restart_batch(r)
-    fitting.at_setup(r, resume)
+    fitting.at_setup(r, resumed)
     return r
 
 
-def initial_batch(cfg: Config, world_size: int) -> TrainState:
-    """Micro-batch and accumulation at the start: as configured, or from train.global_batch_size
-    (the micro-batch 1 until the memory plan chooses it, when it is auto)."""
-    t = cfg.train
-    if t.global_batch_size is None:
-        return TrainState(micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum)
-    per_rank, rest = divmod(t.global_batch_size, world_size)
-    mbs = 1 if t.micro_batch_size == "auto" else t.micro_batch_size
-    if rest or per_rank % mbs:
-        raise TrainingError(f"train.global_batch_size {t.global_batch_size} is not a multiple of {world_size} "
-                            f"process(es) x micro-batch {mbs}; change one of them")
-    return TrainState(micro_batch_size=mbs, grad_accum=per_rank // mbs)
-
-
-def backend(cfg: Config, device: torch.device) -> str:
-    chosen = os.environ.get(BACKEND_ENV) or cfg.launch.backend
-    return ("nccl" if device.type == "cuda" else "gloo") if chosen == "auto" else chosen
-
-
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        torch.distributed.barrier()
-
-
-def wrap_ddp(model, device: torch.device):
-    """DDP over the LoRA weights only: the frozen 4-bit base is the same on every rank (loaded from
-    the same files, or built from the same seed), so it is neither broadcast nor reduced."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    ignored = [name for name, p in model.named_parameters() if not p.requires_grad]
-    ignored += [name for name, _ in model.named_buffers()]  # rotary tables: computed, the same everywhere
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def shard_fsdp(model) -> None:
-    """FSDP2 (fully_shard): each decoder layer is a unit whose parameters (4-bit base, norms,
-    LoRA) are gathered just before it runs and freed after; the rest (embeddings, final norm,
-    head) belong to the root. Gradients are reduce-scattered, so each rank keeps and updates
-    only its shard of the LoRA weights and of the optimizer state."""
-    from torch.distributed.fsdp import fully_shard
-
-    layers = decoder_layers(model)
-    if not layers:
-        raise TrainingError(f"launch.strategy fsdp: {type(model.get_base_model()).__name__} names no decoder layer "
-                            "class (_no_split_modules) to shard by; use launch.strategy ddp")
-    for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
-    # FSDP swaps the parameters' storage around each forward: no cached casts of LoRA weights.
-    fused.CACHE_CASTS = False
-    log.info("FSDP: %d %s units and the root sharded over %d processes", len(layers), type(layers[0]).__name__,
-             torch.distributed.get_world_size())
-
-
-def apply_restart_batch(r: Run) -> None:
-    """After a restart: the batch size in effect when the workers ended, where it differs from the
-    checkpoint's (halved by an OOM that could not be agreed in place, or changed by a command
-    after the checkpoint)."""
-    path = r.run_dir / runs.RESTART_BATCH
-    if not path.exists():
-        return
-    batch = json.loads(path.read_text(encoding="utf-8"))
-    barrier(r.world_size)  # every rank has read it ...
-    if r.is_main:
-        path.unlink()  # ... before it goes
-    s = r.state
-    if batch.get("processes") != r.world_size or (batch["micro_batch_size"], batch["grad_accum"]) == (
-            s.micro_batch_size, s.grad_accum):
-        return
-    s.micro_batch_size, s.grad_accum = batch["micro_batch_size"], batch["grad_accum"]
-    kind = "oom_recovered" if batch.get("reason") == "oom" else "batch_restored"
-    r.sinks.event(kind, step=s.step + 1, micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum,
-                  restarted=True)
-
-
-def keep_global_batch(r: Run) -> None:
-    """Resumed with another number of processes: the same global batch, with the accumulation
-    (or, failing that, the micro-batch) recomputed; the data position is global, so no sample is
-    skipped or repeated either way."""
-    s = r.state
-    global_batch = s.micro_batch_size * s.grad_accum * s.processes
-    kept = batchsize.rescaled(s.micro_batch_size, s.grad_accum, s.processes, r.world_size)
-    if kept is None:
-        log.warning("resumed on %d processes (trained on %d): the global batch %d does not divide; it becomes %d",
-                    r.world_size, s.processes, global_batch, s.micro_batch_size * s.grad_accum * r.world_size)
-        return
-    s.micro_batch_size, s.grad_accum = kept
-    log.info("resumed on %d processes (trained on %d): micro-batch %d x accumulation %d keeps the global batch %d",
-             r.world_size, s.processes, s.micro_batch_size, s.grad_accum, global_batch)
-
-
-def pick_device(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
-
-
-def trainable(model) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def make_optimizer(model, cfg: Config):
-    """train.optimizer: torch's AdamW (fused on CUDA, one multi-tensor kernel per step), or
-    bitsandbytes' paged 8-bit AdamW (paging needs CUDA: plain 8-bit AdamW on CPU). Under
-    launch.strategy fsdp always torch's AdamW, which updates the sharded parameters (each rank
-    holds 1/N of its state)."""
-    params = trainable(model)
-    if cfg.train.optimizer == "adamw" or cfg.launch.strategy == "fsdp":
-        fused = params[0].device.type == "cuda" and cfg.launch.strategy != "fsdp"
-        return torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0, fused=fused or None)
-    import bitsandbytes as bnb
-
-    adamw = bnb.optim.PagedAdamW8bit if params[0].device.type == "cuda" else bnb.optim.AdamW8bit
-    return adamw(params, lr=cfg.train.learning_rate, weight_decay=0.0)
-
-
-def make_scheduler(optimizer, cfg: Config, total: int):
-    from transformers import get_cosine_schedule_with_warmup
-
-    return get_cosine_schedule_with_warmup(optimizer, round(cfg.train.warmup_ratio * total), total)
-
-
-def total_steps(r: Run) -> int:
-    """max_steps, or as many steps as `epochs` take at the configured global batch."""
-    if r.cfg.train.max_steps:
-        return r.cfg.train.max_steps
-    per_step = r.state.micro_batch_size * r.state.grad_accum * r.world_size  # (the global batch)
-    return math.ceil(r.cfg.train.epochs * math.ceil(len(r.units(0)) / per_step))
-
-
-# --- one optimizer step -------------------------------------------------------------------------
+# --- one optimizer step ---------------------------------------------------------------------------
 
 def optimizer_step(r: Run, units: list[list[int]]) -> tuple[float, int]:
     """Forward and backward over the step's micro-batches; returns (mean token loss, real tokens).
@@ -434,24 +208,22 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
     # still runs the micro-batch, so that its collectives pair up with the other ranks'.
     weights = [1.0 if micro_batch else 0.0 for micro_batch in batches]
     collated = [collate_for(r, [[ds[i] for i in unit] for unit in micro_batch or [[0]]]) for micro_batch in batches]
-    label_tokens = sum(c["num_label_tokens"] for c, w in zip(collated, weights) if w)
-    if r.world_size > 1:  # normalise by the whole step's label tokens on all ranks
-        n = torch.tensor(label_tokens, device=r.device)
-        torch.distributed.all_reduce(n)
-        label_tokens = int(n.item())
+    counted = [c for c, w in zip(collated, weights) if w]
+    # The loss is normalised by the whole step's label tokens on all ranks.
+    label_tokens, tokens = map(int, r.ranks.sum(sum(c["num_label_tokens"] for c in counted),
+                                                sum(c["num_tokens"] for c in counted)))
     total = torch.zeros((), device=r.device)
     failed: torch.OutOfMemoryError | None = None
     busy = 0.0  # this rank's own compute time, for the straggler watch
     for i, batch in enumerate(collated):
         last = i == len(collated) - 1
-        if last and r.world_size > 1:
+        if last:
             # Before the micro-batch whose backward synchronises the ranks (DDP's all-reduce),
             # every rank learns whether any rank ran out of memory in the ones before; then all
             # recover the same way and redo the step. An OOM inside this last micro-batch cannot
             # be agreed (the others are in the all-reduce): see leave_batch_for_restart.
-            flag = torch.tensor([failed is not None], device=r.device, dtype=torch.int32)
-            torch.distributed.all_reduce(flag)
-            if flag.item():
+            [anyone_failed] = r.ranks.sum(failed is not None)
+            if anyone_failed:
                 raise failed or torch.OutOfMemoryError(f"out of memory on another rank at step {r.state.step + 1}")
         try:
             maybe_inject_oom(r, i)
@@ -477,19 +249,13 @@ def forward_backward(r: Run, batches: list[list[int]]) -> tuple[float, int]:
             total += loss.detach()  # each micro-batch's share of the step's mean token loss
         except torch.OutOfMemoryError as e:
             if r.world_size == 1:
-                raise
+                raise  # nobody to agree with: optimizer_step recovers at once
             if last or r.sharded:  # the others wait in a collective (DDP's all-reduce, FSDP's
                 raise SynchronisedOOM(str(e)) from e  # gathers): no agreement possible
             failed = e
-    if r.world_size > 1:
-        torch.distributed.all_reduce(total)  # the step's loss over all ranks
     r.busy = busy
-    tokens = sum(c["num_tokens"] for c, w in zip(collated, weights) if w)
-    if r.world_size > 1:
-        counted = torch.tensor(tokens, device=r.device)
-        torch.distributed.all_reduce(counted)
-        tokens = int(counted.item())
-    return total.item(), tokens
+    [loss] = r.ranks.sum(total.item())  # the step's loss over all ranks
+    return loss, tokens
 
 
 def probe_step(r: Run, tokens: int, seed: int = 0) -> None:
@@ -536,15 +302,7 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
             for k, v in batch.items() if k in MODEL_INPUTS}
 
 
-def rank_figures(r: Run, value: float) -> list[float]:
-    """`value` from every rank, in rank order (a tiny all_gather once per step)."""
-    if r.world_size == 1:
-        return [value]
-    mine = torch.tensor([value], device=r.device, dtype=torch.float64)
-    gathered = [torch.empty_like(mine) for _ in range(r.world_size)]
-    torch.distributed.all_gather(gathered, mine)
-    return [t.item() for t in gathered]
-
+# --- telemetry and the guard ----------------------------------------------------------------------
 
 def watch_stragglers(r: Run, compute_s: list[float]) -> None:
     """A `straggler` event when a rank's compute time is more than 20% above the median of the
@@ -560,62 +318,12 @@ def watch_stragglers(r: Run, compute_s: list[float]) -> None:
                           steps=STRAGGLER_STEPS)
 
 
-def leave_batch_for_restart(r: Run, error: Exception) -> None:
-    """This rank ran out of memory in the micro-batch whose backward synchronises the ranks (or,
-    under FSDP, in any micro-batch); the others wait in a collective. Leave the halved batch size
-    for the restart and let the exception end this process: torchrun's agent then ends the other
-    ranks and the daemon restarts them all from the newest checkpoint."""
-    s = r.state
-    smaller = batchsize.halved(s.micro_batch_size, s.grad_accum)
-    if smaller is None:
-        raise TrainingError(f"out of memory on rank {r.rank} at step {s.step + 1} with micro-batch 1 ({error}); "
-                            "lower data.max_seq_len or use a larger GPU") from None
-    new_mbs, accum = smaller
-    runs.write_restart_batch(r.run_dir, new_mbs, accum, r.world_size, reason="oom")
-    log.error("rank %d: out of memory in the synchronising micro-batch of step %d; all ranks restart from the "
-              "newest checkpoint with micro-batch %d x accumulation %d", r.rank, s.step + 1, new_mbs, accum)
-
-
-def remember_batch(r: Run, reason: str) -> None:
-    """The batch size now, for workers restarted from an older checkpoint (apply_restart_batch):
-    a command or an OOM recovery since that checkpoint must not be undone by a restart."""
-    if r.is_main:
-        runs.write_restart_batch(r.run_dir, r.state.micro_batch_size, r.state.grad_accum, r.world_size, reason)
-
-
-def recover_from_oom(r: Run, error: Exception) -> None:
-    r.optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    if r.device.type == "cuda":
-        torch.cuda.empty_cache()
-    old_mbs, old_accum = r.state.micro_batch_size, r.state.grad_accum
-    smaller = batchsize.halved(old_mbs, old_accum)
-    if smaller is None:
-        r.sinks.event("oom_fatal", step=r.state.step + 1, micro_batch_size=old_mbs)
-        raise TrainingError(
-            f"out of memory at step {r.state.step + 1} with micro-batch 1 ({error}). Lower data.max_seq_len, "
-            "keep train.grad_checkpointing on, train fewer LoRA targets (lora.target_modules), or use a larger GPU"
-        ) from None
-    new_mbs, new_accum = smaller
-    r.state.micro_batch_size, r.state.grad_accum = smaller
-    remember_batch(r, "oom")
-    log.warning("out of memory at step %d: micro-batch %d -> %d, accumulation %d -> %d; redoing the step",
-                r.state.step + 1, old_mbs, new_mbs, old_accum, new_accum)
-    r.sinks.event("oom_recovered", step=r.state.step + 1, micro_batch_size=new_mbs, grad_accum=new_accum,
-                  previous_micro_batch_size=old_mbs, previous_grad_accum=old_accum)
-
-
-def parse_injected_oom(spec: str, rank: int = 0) -> dict[int, int]:
-    """'3,7x2' -> {3: 1, 7: 2}: fault injection for tests (QWEN_DAEMON_INJECT_OOM); '3@1' only on
-    rank 1 (every rank without '@')."""
-    out: dict[int, int] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        part, _, on_rank = part.partition("@")
-        if on_rank and int(on_rank) != rank:
-            continue
-        step, _, times = part.partition("x")
-        out[int(step)] = int(times or 1)
-    return out
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"gpu_allocated": torch.cuda.memory_allocated(device) / 2**30,
+            "gpu_reserved": torch.cuda.memory_reserved(device) / 2**30,
+            "gpu_peak": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def on_anomaly(r: Run, verdict) -> None:
@@ -635,6 +343,18 @@ def on_anomaly(r: Run, verdict) -> None:
         r.stopping = True
 
 
+# --- fault injection (tests) ----------------------------------------------------------------------
+
+def inject_faults(r: Run) -> None:
+    """The faults that INJECT_*_ENV ask for, into the first worker group only."""
+    if os.environ.get(RESTARTS_ENV, "0") != "0":
+        return
+    r.injected_oom = parse_injected_oom(os.environ.get(INJECT_OOM_ENV, ""), r.rank)
+    r.injected_hang = parse_injected_oom(os.environ.get(INJECT_HANG_ENV, ""), r.rank)
+    r.injected_nan = {step + k for step, times in parse_injected_oom(os.environ.get(INJECT_NAN_ENV, "")).items()
+                      for k in range(times)}
+
+
 def maybe_inject_oom(r: Run, micro_batch: int) -> None:
     step = r.state.step + 1
     if micro_batch == 0 and r.injected_hang.get(step, 0) > 0:
@@ -645,261 +365,14 @@ def maybe_inject_oom(r: Run, micro_batch: int) -> None:
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_OOM_ENV} at step {step})")
 
 
-def gpu_memory(device: torch.device) -> dict[str, float]:
-    if device.type != "cuda":
-        return {}
-    return {"gpu_allocated": torch.cuda.memory_allocated(device) / 2**30,
-            "gpu_reserved": torch.cuda.memory_reserved(device) / 2**30,
-            "gpu_peak": torch.cuda.max_memory_allocated(device) / 2**30}
-
-
-# --- evaluation and checkpoints -----------------------------------------------------------------
-
-def evaluate(r: Run) -> float | None:
-    """Mean token loss on the validation split (no dropout, no gradients)."""
-    ds = r.splits["validation"].select_columns(["input_ids", "prompt_len"])
-    if len(ds) == 0:
-        return None
-    r.sinks.event("evaluating", step=r.state.step)
-    units = epoch_units(r.splits["validation"]["num_tokens"], epoch=0, seed=r.cfg.data.seed, max_seq_len=r.cfg.data.max_seq_len,
-                        packing=r.cfg.data.packing)
-    r.model.eval()
-    loss_sum, label_tokens = 0.0, 0
-    mbs, per_round = r.state.micro_batch_size, r.state.micro_batch_size * r.world_size
-    with torch.no_grad():
-        # The same number of forwards on every rank (FSDP gathers weights in each): a rank with
-        # nothing left runs the first unit again and does not count it.
-        for start in range(r.rank * mbs, math.ceil(len(units) / per_round) * per_round, per_round):
-            share = units[start:start + mbs]
-            batch = collate_for(r, [[ds[i] for i in unit] for unit in share or units[:1]])
-            loss = forward(r, batch)
-            if share:
-                loss_sum += loss.item() * batch["num_label_tokens"]
-                label_tokens += batch["num_label_tokens"]
-    r.model.train()
-    if r.world_size > 1:
-        t = torch.tensor([loss_sum, label_tokens], device=r.device, dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        loss_sum, label_tokens = t.tolist()
-    eval_loss = loss_sum / max(1, label_tokens)
-    r.state.eval_loss = eval_loss
-    if r.state.best_eval_loss is None or eval_loss < r.state.best_eval_loss:
-        r.state.best_eval_loss, r.state.best_step = eval_loss, r.state.step
-    r.sinks.metrics({"kind": "eval", "ts": time.time(), "step": r.state.step, "eval_loss": eval_loss})
-    return eval_loss
-
-
-def score_sample(r: Run) -> None:
-    """`eval.generate_every_steps`: the model being trained answers a fixed validation sample;
-    its mean scores go out as an `eval` metrics record (term recall, ROUGE-L ... next to the loss)."""
-    from qwen_daemon.train.evaluate import sample_scores
-
-    r.sinks.event("evaluating", step=r.state.step, what="sample")
-    scores = sample_scores(r)
-    if scores is not None:
-        r.sinks.metrics({"kind": "eval", "ts": time.time(), "step": r.state.step, **scores})
-
-
-def save(r: Run) -> Path | None:
-    """A checkpoint of this step, written by rank 0 with every rank's RNG state (every rank calls
-    this at the same boundaries)."""
-    if r.saved_step == r.state.step:
-        return None
-    r.saved_step = r.state.step
-    rng_states = None
-    if r.world_size > 1:
-        rng_states = [None] * r.world_size if r.is_main else None
-        torch.distributed.gather_object(capture_rng_state(), rng_states, dst=0)
-    adapter, optimizer = (lora_state(r) if r.sharded else None), optimizer_state(r)
-    if not r.is_main:
-        return None
-    r.sinks.event("saving", step=r.state.step)
-    try:
-        path = save_checkpoint(r.run_dir, r.state, r.model, r.optimizer, r.scheduler,
-                               keep_last=r.cfg.checkpoint.keep_last, rank_rng_states=rng_states,
-                               adapter_state=adapter, optimizer_state=optimizer, expected_bytes=checkpoint_estimate(r))
-    except OSError as e:  # too little space, or the disk filled while writing: training goes on
-        log.error("checkpoint of step %d not written: %s", r.state.step, e)
-        r.sinks.event("checkpoint_skipped", step=r.state.step, error=str(e))
-        return None
-    r.sinks.event("checkpoint", step=r.state.step, path=str(path))
-    if r.is_main:  # the checkpoint holds the batch size now (remember_batch)
-        (r.run_dir / runs.RESTART_BATCH).unlink(missing_ok=True)
-    warn_of_disk(r, path)
-    return path
-
-
-def checkpoint_estimate(r: Run) -> int:
-    """Bytes of a checkpoint before the first exists: the LoRA weights and AdamW's two moments."""
-    return sum(p.numel() * (p.element_size() + 8) for p in trainable(r.model))
-
-
-def warn_of_disk(r: Run, path: Path) -> None:
-    """A `disk_low` event when the disk has room for fewer than DISK_LOW_CHECKPOINTS more
-    checkpoints (once, until it has room again)."""
-    free, size = free_bytes(path), checkpoint_size(path)
-    low = free < DISK_LOW_CHECKPOINTS * size
-    if low and not r.disk_low:
-        log.warning("%.1f GiB free on the disk of %s: room for %d more checkpoints", free / 2**30, path.parent,
-                    free // max(size, 1))
-        r.sinks.event("disk_low", step=r.state.step, free_gib=round(free / 2**30, 2),
-                      checkpoint_mib=round(size / 2**20, 1))
-    r.disk_low = low
-
-
-def lora_state(r: Run) -> dict[str, torch.Tensor]:
-    """The whole LoRA weights on the CPU, by parameter name; under FSDP every rank must call
-    this (each weight is gathered from its shards)."""
-    return {name: (p.full_tensor() if r.sharded else p).detach().cpu()
-            for name, p in r.model.named_parameters() if p.requires_grad}
-
-
-def optimizer_state(r: Run) -> dict[str, Any] | None:
-    """Under launch.strategy fsdp, the optimizer's whole state by parameter name, gathered from
-    the shards to rank 0 (every rank calls this), so that it loads on any number of processes.
-    None otherwise: the checkpoint takes optimizer.state_dict()."""
-    if r.cfg.launch.strategy != "fsdp":
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    state = get_optimizer_state_dict(r.model, r.optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if r.is_main else None
-
-
-def load_optimizer_state(r: Run, state: dict[str, Any]) -> None:
-    if r.cfg.launch.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(r.model, r.optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        r.optimizer.load_state_dict(state)
-
-
-# --- commands at the step boundary --------------------------------------------------------------
-
-def apply_commands(r: Run) -> None:
-    """Apply what arrived since the last step; while paused, wait here for more.
-
-    With several ranks, rank 0 takes the commands and broadcasts them (a tiny collective), so
-    every rank applies the same commands at the same step; only rank 0 answers them. While
-    paused the broadcast repeats every second, far inside the collective timeout."""
-    while True:
-        commands = r.controls.take() if r.is_main else []
-        if r.world_size > 1:
-            shared = [[(c.name, c.args) for c in commands]]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            commands = commands or [Command(name, args) for name, args in shared[0]]
-        for command in commands:
-            # The event before the reply: whoever has the reply has everything the command did
-            # (the daemon's figures too, should the worker die right after).
-            try:
-                result = apply(r, command)
-            except (ValueError, TrainingError) as e:
-                r.sinks.event("command_failed", step=r.state.step, command=command.name, error=str(e))
-                command.future.set_exception(e)
-            else:
-                r.sinks.event("command_applied", step=r.state.step, command=command.name, **result)
-                log.info("rank %d: %s applied at step %d", r.rank, command.name, r.state.step)
-                command.future.set_result({"step": r.state.step, **result})
-        if not r.paused or r.stopping:
-            return
-        if r.is_main:
-            r.controls.wait(timeout=1.0 if r.world_size > 1 else None)
-
-
-def apply(r: Run, command: Command) -> dict[str, Any]:
-    """Apply one command (its arguments complete: Controls filled in the defaults); the result
-    goes into the command_applied event and the reply. `paused` in it is the run's state, which
-    the daemon follows."""
-    return HANDLERS[command.name](r, **command.args)
-
-
-def pause_run(r: Run, release_memory: bool) -> dict[str, Any]:
-    r.paused = True
-    if release_memory and r.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"paused": True}
-
-
-def resume_run(r: Run) -> dict[str, Any]:
-    r.paused = False
-    return {"paused": False}
-
-
-def checkpoint_now(r: Run) -> dict[str, Any]:
-    save(r)
-    path = r.run_dir / "checkpoints" / f"checkpoint-{r.state.step}"
-    if r.is_main and not path.is_dir():
-        raise TrainingError(f"the checkpoint of step {r.state.step} was not written (the checkpoint_skipped event "
-                            "says why); it is tried again at the next checkpoint boundary")
-    return {"path": str(path)}
-
-
-def stop_run(r: Run) -> dict[str, Any]:
-    r.stopping = True
-    return {"stopping": True}
-
-
-def set_micro_batch_size(r: Run, micro_batch_size: int, keep_global_batch: bool) -> dict[str, Any]:
-    s = r.state
-    s.micro_batch_size, s.grad_accum = batchsize.change(s.micro_batch_size, s.grad_accum, micro_batch_size,
-                                                    keep_global_batch)
-    remember_batch(r, "command")
-    return {"micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
-            "global_batch": s.micro_batch_size * s.grad_accum * r.world_size, **fitting.replan(r)}
-
-
-# One handler per command of shared.protocol.COMMANDS that is not read-only.
-HANDLERS = {"pause": pause_run, "resume": resume_run, "checkpoint": checkpoint_now, "stop": stop_run,
-            "set_batch_size": set_micro_batch_size}
-
-
-# --- the end: final adapter and an inference check ------------------------------------------------
-
-def finish(r: Run) -> None:
-    adapter = lora_state(r) if r.sharded else None  # (a collective under FSDP)
-    if not r.is_main:
-        return
-    final = r.run_dir / "final"
-    r.model.save_pretrained(final, state_dict=adapter)
-    r.tokenizer.save_pretrained(final)
-    r.sinks.event("final_saved", step=r.state.step, path=str(final))
-    questions = [row for row in r.splits["test"].select(range(min(3, len(r.splits["test"]))))]
-    # Free the trained model before loading base + adapter afresh (the seeds' evaluation ran out
-    # of memory by keeping both).
-    r.model = r.optimizer = None
-    gc.collect()
-    if r.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if r.cfg.train.inference_check_tokens:
-        answers = inference_check(r.cfg, final, questions, r.device, r.cfg.train.inference_check_tokens)
-        with open(r.run_dir / runs.INFERENCE, "w", encoding="utf-8") as f:
-            for a in answers:
-                f.write(json.dumps(a, ensure_ascii=False) + "\n")
-        r.sinks.event("inference_check", step=r.state.step, answers=answers)
-    if r.cfg.eval.at_end:
-        from qwen_daemon.train.evaluate import evaluate_run
-
-        r.sinks.event("evaluating", step=r.state.step, what="eval")
-        summary = evaluate_run(r.run_dir, "final", device=r.device, cfg=r.cfg)
-        r.sinks.event("eval_done", step=r.state.step, split=summary["split"], records=summary["records"],
-                      file=summary["file"], loss=summary["loss"], overall=summary.get("overall"))
-
-
-def inference_check(cfg: Config, adapter_dir: Path, questions: list[dict], device: torch.device,
-                    max_new_tokens: int = 256) -> list[dict[str, str]]:
-    """Load the base model and the saved adapter afresh and answer held-out questions with the
-    thinking template (the generation prompt opens <think>)."""
-    from transformers import AutoTokenizer
-
-    from qwen_daemon.train.evaluate import generate, load_adapted
-
-    model = load_adapted(cfg, adapter_dir, device)
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    texts = generate(model, tokenizer, [q["prompt"] for q in questions], cfg, device, max_new_tokens=max_new_tokens)
-    del model
-    return [{"question": q["prompt"][-1]["content"], "reference": q["answer"], "generated": text}
-            for q, text in zip(questions, texts)]
-
+def parse_injected_oom(spec: str, rank: int = 0) -> dict[int, int]:
+    """'3,7x2' -> {3: 1, 7: 2}: fault injection for tests (QWEN_DAEMON_INJECT_OOM); '3@1' only on
+    rank 1 (every rank without '@')."""
+    out: dict[int, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        part, _, on_rank = part.partition("@")
+        if on_rank and int(on_rank) != rank:
+            continue
+        step, _, times = part.partition("x")
+        out[int(step)] = int(times or 1)
+    return out
